@@ -1,0 +1,20 @@
+"""A user model factory for tests: a module with parameters *and* buffers."""
+
+import torch
+from torch import nn
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, width: int = 8, scale: float = 2.0) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale))
+        self.fc1 = nn.Linear(1, width)
+        self.bn = nn.BatchNorm1d(width)  # running statistics on: the engine must not leak them across tasks
+        self.fc2 = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.bn(self.fc1(x) * self.scale)))
+
+
+def make_model(width: int = 8, scale: float = 2.0) -> nn.Module:
+    return ScaledNet(width, scale)

@@ -1,0 +1,84 @@
+"""The engine's entry points: one task's meta-gradient, a shard of a meta-batch, the public API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workers.aggregator import GradientSum, mean
+from workers.inner import Params, split_state
+from workers.maml import maml_task
+from workers.reptile import reptile_task
+from workers.tasks.base import LossName, Task
+
+ALGORITHMS = ("maml", "fomaml", "reptile")
+
+
+def task_meta_gradient(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    task: Task,
+    *,
+    algorithm: str,
+    inner_steps: int,
+    inner_lr: float,
+    loss: LossName,
+    inner_optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_batch_size: int | None = None,
+) -> tuple[Params, dict[str, float]]:
+    """One task's meta-gradient and metrics, for any of the three algorithms."""
+    if algorithm in ("maml", "fomaml"):
+        return maml_task(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr,
+                         loss=loss, first_order=algorithm == "fomaml")
+    if algorithm == "reptile":
+        return reptile_task(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr,
+                            loss=loss, optimizer=inner_optimizer, batch_size=inner_batch_size)
+    raise ValueError(f"algorithm: unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+
+
+def shard_meta_gradient(model: nn.Module, params: Params, buffers: Params, tasks: Sequence[Task],
+                        **kwargs) -> GradientSum:
+    """The summed meta-gradients and metrics of a shard of tasks (one worker's share)."""
+    total = GradientSum()
+    for task in tasks:
+        grads, metrics = task_meta_gradient(model, params, buffers, task, **kwargs)
+        total.add(grads, metrics)
+    return total
+
+
+def meta_gradient(
+    model: nn.Module,
+    tasks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    algorithm: str = "maml",
+    inner_steps: int = 1,
+    inner_lr: float = 0.4,
+    loss: LossName = "cross_entropy",
+    inner_optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_batch_size: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The mean meta-gradient of ``model`` over ``tasks``, and the mean metrics.
+
+    ``tasks`` holds ``(x_support, y_support, x_query, y_query)`` tuples. The result maps every
+    parameter name of ``model`` to a tensor of its shape: for MAML and first-order MAML the mean
+    meta-gradient, for Reptile the mean of (phi - phi_adapted). Either is what the outer optimizer
+    consumes (set it as ``.grad`` and step). The model itself is not modified.
+
+    >>> grads, metrics = meta_gradient(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
+    ...                                loss="cross_entropy")
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+    if not tasks:
+        raise ValueError("tasks: need at least one task")
+    params, buffers = split_state(model)
+    total = shard_meta_gradient(
+        model, params, buffers, [Task(*t) for t in tasks], algorithm=algorithm, inner_steps=inner_steps,
+        inner_lr=inner_lr, loss=loss, inner_optimizer=inner_optimizer, inner_batch_size=inner_batch_size,
+    )
+    grads, metrics, _ = mean([total])
+    return grads, metrics

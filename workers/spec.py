@@ -1,0 +1,158 @@
+"""Job specification: the single source of truth for the API, the CLI, the workers and Tune.
+
+Every field has a description and a constraint; the defaults are those of the MAML paper
+(Finn et al., 2017) for the sinusoid regression problem.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Algorithm = Literal["maml", "fomaml", "reptile"]
+
+
+class _Spec(BaseModel):
+    # Unknown keys are refused, so a typo ("inner.step") is a 422 naming the field, not a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SinusoidTask(_Spec):
+    family: Literal["sinusoid"] = Field("sinusoid", description="y = A sin(x - phase), the paper's regression")
+    shots: int = Field(10, ge=1, le=1000, description="K: support points per task")
+    queries: int = Field(10, ge=1, le=1000, description="query points per task (the meta-objective)")
+    amplitude: tuple[float, float] = Field((0.1, 5.0), description="range of the amplitude A")
+    phase: tuple[float, float] = Field((0.0, 3.141592653589793), description="range of the phase")
+    x_range: tuple[float, float] = Field((-5.0, 5.0), description="range of the inputs x")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SinusoidTask:
+        for name in ("amplitude", "phase", "x_range"):
+            low, high = getattr(self, name)
+            if not low < high:
+                raise ValueError(f"{name}: low ({low}) must be below high ({high})")
+        return self
+
+
+class OmniglotTask(_Spec):
+    family: Literal["omniglot"] = Field(description="N-way K-shot characters from Omniglot")
+    ways: int = Field(5, ge=2, le=1000, description="N: classes per task")
+    shots: int = Field(1, ge=1, le=19, description="K: support images per class")
+    queries: int = Field(15, ge=1, le=19, description="query images per class")
+    split: Literal["paper", "official"] = Field(
+        "paper",
+        description="paper: 1200 characters to meta-train, the other 423 to meta-test, each rotated "
+        "by 0/90/180/270 degrees as new classes; official: background vs evaluation alphabets",
+    )
+    image_size: int = Field(28, ge=8, le=105, description="side of the square grey input, in pixels")
+    path: str | None = Field(None, description="folder holding images_background.zip and "
+                             "images_evaluation.zip (default: the configured data root)")
+
+    @model_validator(mode="after")
+    def _drawings(self) -> OmniglotTask:
+        if self.shots + self.queries > 20:
+            raise ValueError(
+                f"shots + queries = {self.shots + self.queries}: Omniglot has only 20 drawings per character"
+            )
+        return self
+
+
+class ImageFolderTask(_Spec):
+    family: Literal["image_folder"] = Field(description="N-way K-shot from a folder of class folders, "
+                                            "or the MiniImagenet split format")
+    path: str = Field(min_length=1, description="root: class sub-folders, or images/ plus train/val/test.csv")
+    ways: int = Field(5, ge=2, le=1000, description="N: classes per task")
+    shots: int = Field(1, ge=1, le=1000, description="K: support images per class")
+    queries: int = Field(15, ge=1, le=1000, description="query images per class")
+    image_size: int = Field(84, ge=8, le=512, description="side of the square RGB input, in pixels")
+    channels: Literal[1, 3] = Field(3, description="1 for grey, 3 for RGB")
+
+
+TaskSpec = Annotated[SinusoidTask | OmniglotTask | ImageFolderTask, Field(discriminator="family")]
+
+
+class ModelSpec(_Spec):
+    name: Literal["mlp", "conv4"] | None = Field(
+        None, description="a built-in model: mlp (the paper's 1-40-40-1 ReLU MLP) or conv4")
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [40, 40], max_length=16, description="mlp: hidden layer widths")
+    filters: int | None = Field(
+        None, ge=1, le=512, description="conv4: filters per layer (default 64 for grey, 32 for RGB)")
+    factory: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="a user model as 'package.module:factory' (module must be allow-listed)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'name' (mlp, conv4) or 'factory' ('package.module:fn')")
+        return self
+
+
+class InnerSpec(_Spec):
+    steps: int = Field(1, ge=1, le=200, description="inner gradient steps on the support set")
+    lr: float = Field(0.01, gt=0, le=100, description="alpha: inner learning rate")
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="inner optimizer; adam only with reptile (as in the Reptile paper)")
+    batch_size: int | None = Field(
+        None, ge=1, le=100_000, description="reptile: inner mini-batch size (default: the whole support set)")
+
+
+class OuterSpec(_Spec):
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="meta-optimizer")
+    lr: float = Field(0.001, gt=0, le=100, description="meta learning rate (reptile: outer step size)")
+    meta_batch_size: int = Field(25, ge=1, le=10_000, description="tasks per meta-iteration")
+    iterations: int = Field(2000, ge=1, le=10_000_000, description="meta-iterations")
+    anneal: bool = Field(False, description="anneal the meta learning rate linearly to 0 (Reptile)")
+
+
+class EvalSpec(_Spec):
+    every: int = Field(500, ge=1, le=10_000_000, description="evaluate every this many iterations")
+    tasks: int = Field(100, ge=1, le=100_000, description="held-out tasks per evaluation")
+    steps: int = Field(10, ge=0, le=1000, description="adaptation steps at meta-test time")
+
+
+class ResourcesSpec(_Spec):
+    workers: int = Field(1, ge=1, le=1024, description="Ray workers that share the meta-batch")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(0.0, ge=0, le=16, description="GPUs per worker (0: CPU only)")
+    threads_per_worker: int = Field(1, ge=1, le=256, description="torch threads per worker")
+
+
+class CheckpointSpec(_Spec):
+    every: int = Field(100, ge=1, le=10_000_000, description="checkpoint every this many iterations")
+    keep: int = Field(2, ge=1, le=100, description="checkpoints kept (oldest removed first)")
+
+
+class JobSpec(_Spec):
+    """A meta-training job. ``JobSpec.model_validate(json)`` is the only way specs enter the system."""
+
+    name: str = Field("job", min_length=1, max_length=200, description="a human-readable name")
+    algorithm: Algorithm = Field("maml", description="maml (second order), fomaml or reptile")
+    task: TaskSpec = Field(default_factory=SinusoidTask, description="the task family and its shape")
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="mlp"), description="the model")
+    inner: InnerSpec = Field(default_factory=InnerSpec, description="the inner (adaptation) loop")
+    outer: OuterSpec = Field(default_factory=OuterSpec, description="the outer (meta) loop")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="meta-test evaluation")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="checkpointing")
+    seed: int = Field(0, ge=0, le=2**62, description="seeds task sampling and initialisation")
+    dtype: Literal["float32", "float64"] = Field("float32", description="parameter and data precision")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.inner.optimizer == "adam" and self.algorithm != "reptile":
+            raise ValueError("inner.optimizer: adam is only supported with algorithm 'reptile'")
+        if self.inner.batch_size is not None and self.algorithm != "reptile":
+            raise ValueError("inner.batch_size: only used by algorithm 'reptile'")
+        if self.model.name == "conv4" and self.task.family == "sinusoid":
+            raise ValueError("model.name: conv4 needs an image task family, not sinusoid")
+        if self.model.name == "mlp" and self.task.family != "sinusoid" and not self.model.hidden:
+            raise ValueError("model.hidden: must not be empty")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task.family != "sinusoid"

@@ -1,0 +1,209 @@
+"""N-way K-shot classification from a folder of images (MiniImagenet and any user data set).
+
+Two layouts at ``task.path``:
+  * the MiniImagenet split format (Ravi and Larochelle, 2017): ``images/`` plus ``train.csv``,
+    ``val.csv`` and ``test.csv``, each with the header ``filename,label``; a csv's labels are the
+    classes of that split.
+  * class folders, ``<path>/<class>/<image>``: the sorted class names are shuffled with
+    ``numpy.random.default_rng(0)``, then 64% go to train, 16% to val and the rest to test
+    (MiniImagenet's 64/16/20), at least one class each to val and test.
+
+Images are decoded lazily with :func:`preprocess_image` (RGB or grey per ``channels``, resized to
+S x S with LANCZOS, [0, 1], no mean/std normalisation) and kept in a small LRU cache of uint8 arrays.
+The service uses the same function for uploaded images.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.spec import ImageFolderTask
+from workers.tasks.base import Split, Task, task_rng
+from workers.tasks.errors import DatasetError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+CSV_SPLITS = ("train", "val", "test")
+FOLDER_FRACTIONS = (0.64, 0.16)  # train, val; test gets the rest
+SPLIT_SEED = 0
+
+
+class ImageClass(NamedTuple):
+    label: str
+    files: tuple[Path, ...]
+
+
+# ---------------------------------------------------------------------------------------------- pixels
+
+
+def preprocess_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """An image as training sees it: (C, S, S) uint8."""
+    if img.format == "JPEG":
+        # Decode a large JPEG at a reduced scale (still at least S x S): several times faster. Only
+        # takes effect on a freshly opened image, which is how both training and the service call us.
+        img.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")  # a transparent background becomes white, not black
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+    img = img.convert("RGB" if channels == 3 else "L")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels.transpose(2, 0, 1).copy() if channels == 3 else pixels[None].copy()
+
+
+def to_tensor(pixels: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels to [0, 1] floats; the one conversion shared by training and inference."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(dtype).div_(255)
+
+
+def preprocess_image(img: Image.Image, image_size: int, channels: int = 3,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (C, S, S) tensor in [0, 1]: exactly what the model saw in training."""
+    return to_tensor(preprocess_array(img, image_size, channels), dtype)
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def read_csv_splits(root: Path) -> dict[str, list[ImageClass]]:
+    """The MiniImagenet format: images/ and one ``filename,label`` csv per split."""
+    images = root / "images"
+    missing = [f"{name}.csv" for name in CSV_SPLITS if not (root / f"{name}.csv").is_file()]
+    if missing:
+        raise DatasetError("task.path", f"{root} has images/ but not {', '.join(missing)} (the MiniImagenet "
+                           f"format needs {', '.join(f'{s}.csv' for s in CSV_SPLITS)})")
+    present = set(os.listdir(images))
+    splits: dict[str, list[ImageClass]] = {}
+    for name in CSV_SPLITS:
+        path = root / f"{name}.csv"
+        by_label: dict[str, list[Path]] = {}
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if header[:2] != ["filename", "label"]:
+                raise DatasetError("task.path", f"{path}: the header must be 'filename,label', not "
+                                   f"{','.join(header)!r}")
+            for row_number, row in enumerate(reader, start=2):
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) < 2:
+                    raise DatasetError("task.path", f"{path}, line {row_number}: expected filename,label")
+                filename, label = row[0].strip(), row[1].strip()
+                if filename not in present and not (images / filename).is_file():
+                    raise DatasetError("task.path", f"{path}, line {row_number}: image {filename} is not "
+                                       f"in {images}")
+                by_label.setdefault(label, []).append(images / filename)
+        splits[name] = [ImageClass(label, tuple(files)) for label, files in sorted(by_label.items())]
+    return splits
+
+
+def read_class_folders(root: Path) -> dict[str, list[ImageClass]]:
+    """Class sub-folders, split by class: see the module docstring."""
+    classes = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            files = sorted(f.name for f in os.scandir(entry.path) if f.is_file() and _is_image(f.name))
+            classes.append(ImageClass(entry.name, tuple(Path(entry.path) / f for f in files)))
+    if not classes:
+        raise DatasetError("task.path", f"{root} holds no class folders (and no images/ with train/val/test.csv)")
+    n = len(classes)
+    n_val = max(1, round(n * FOLDER_FRACTIONS[1]))
+    n_test = max(1, n - round(n * FOLDER_FRACTIONS[0]) - n_val)
+    n_train = max(0, n - n_val - n_test)
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {name: [classes[i] for i in sorted(part)] for name, part in parts.items()}
+
+
+def read_splits(path: str) -> dict[str, list[ImageClass]]:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError("task.path", f"{root} is not a folder (resolved to {root.absolute()}); set the "
+                           "task's `path` field to a folder of class folders, or of images/ plus "
+                           "train.csv, val.csv and test.csv")
+    if (root / "images").is_dir() and any((root / f"{name}.csv").is_file() for name in CSV_SPLITS):
+        return read_csv_splits(root)
+    return read_class_folders(root)
+
+
+# ----------------------------------------------------------------------------------------------- family
+
+
+class ImageFolderFamily:
+    """N-way K-shot tasks from image files; label k is the k-th of the task's randomly drawn classes."""
+
+    loss = "cross_entropy"
+
+    def __init__(self, spec: ImageFolderTask, *, dtype: torch.dtype = torch.float32,
+                 cache_images: int = 2048) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.cache_images = cache_images
+        self.input_shape = (spec.channels, spec.image_size, spec.image_size)
+        self.output_dim = spec.ways
+        self.splits = read_splits(spec.path)
+        need = spec.shots + spec.queries
+        for name, classes in self.splits.items():
+            if len(classes) < spec.ways:
+                counts = ", ".join(f"{n}: {len(c)}" for n, c in self.splits.items())
+                raise DatasetError("task.ways", f"{spec.ways}-way tasks need {spec.ways} classes in every "
+                                   f"split, but '{name}' has {len(classes)} (classes per split: {counts})")
+            for image_class in classes:
+                if len(image_class.files) < need:
+                    raise DatasetError("task.shots", f"class '{image_class.label}' ({name} split) has "
+                                       f"{len(image_class.files)} images, fewer than shots + queries = {need}")
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._pixels = functools.lru_cache(maxsize=self.cache_images)(self._decode)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_pixels"]  # an lru_cache does not pickle; a copy starts with an empty one
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def _decode(self, file: Path) -> np.ndarray:
+        try:
+            with Image.open(file) as img:
+                return preprocess_array(img, self.spec.image_size, self.spec.channels)
+        except (OSError, ValueError) as exc:
+            raise DatasetError("task.path", f"cannot read image {file}: {exc}") from exc
+
+    def sample(self, seed: int, iteration: int, index: int, split: Split = "train") -> Task:
+        if split not in self.splits:
+            raise ValueError(f"split: unknown split '{split}' (expected train, val or test)")
+        spec = self.spec
+        rng = task_rng(seed, split, iteration, index)
+        classes = self.splits[split]
+        chosen = rng.choice(len(classes), size=spec.ways, replace=False)
+        n = spec.shots + spec.queries
+        pixels = np.empty((spec.ways, n, *self.input_shape), dtype=np.uint8)
+        for k, c in enumerate(chosen):
+            files = classes[c].files
+            for j, i in enumerate(rng.choice(len(files), size=n, replace=False)):  # first `shots`: support
+                pixels[k, j] = self._pixels(files[i])
+        x = to_tensor(pixels, self.dtype)  # (ways, shots+queries, C, S, S)
+        labels = torch.arange(spec.ways)
+        return Task(
+            x[:, :spec.shots].reshape(-1, *self.input_shape),  # (ways*shots, C, S, S), class-major
+            labels.repeat_interleave(spec.shots),  # (ways*shots,) int64
+            x[:, spec.shots:].reshape(-1, *self.input_shape),  # (ways*queries, C, S, S)
+            labels.repeat_interleave(spec.queries),  # (ways*queries,)
+        )
