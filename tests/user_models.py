@@ -18,3 +18,21 @@ class ScaledNet(nn.Module):
 
 def make_model(width: int = 8, scale: float = 2.0) -> nn.Module:
     return ScaledNet(width, scale)
+
+
+class Broken(nn.Module):
+    """Fails inside the workers: NaN outputs, or an exception, on demand."""
+
+    def __init__(self, mode: str = "nan") -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 1)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "raise":
+            raise RuntimeError("corrupt shard: labels do not match inputs")
+        return self.fc(x) * float("nan")
+
+
+def make_broken(mode: str = "nan") -> nn.Module:
+    return Broken(mode)

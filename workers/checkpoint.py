@@ -71,11 +71,12 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path
     save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_files(ckpt.optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = ckpt.rng_state
     state = {
         "iteration": ckpt.iteration,
         "spec": ckpt.spec,
         "optimizer": opt_meta,
-        "rng_state": base64.b64encode(ckpt.rng_state.numpy().tobytes()).decode() if ckpt.rng_state is not None else None,
+        "rng_state": base64.b64encode(rng.numpy().tobytes()).decode() if rng is not None else None,
         "metrics": ckpt.metrics,
     }
     (tmp / "state.json").write_text(json.dumps(state))

@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 Reporter = Callable[[int, dict[str, float]], None]
 
 
+class WorkerError(RuntimeError):
+    """A worker failed computing its shard; the message carries the cause."""
+
+
+class WorkerLost(WorkerError):
+    """A worker process died (killed, out of memory, node lost): its group can be restarted."""
+
+
 class TrainingError(RuntimeError):
     """Training stopped on an error; ``iteration`` is the meta-iteration that failed."""
 
@@ -145,7 +153,7 @@ class Trainer:
     ) -> None:
         self.spec = spec
         self.run_dir = Path(run_dir)
-        self.reporter = reporter or _log_reporter(spec)
+        self.reporter = reporter or log_reporter(spec)
         self.should_stop = should_stop or (lambda: False)
         self.report_every = report_every
         self.device = device or torch.device("cpu")
@@ -207,6 +215,10 @@ class Trainer:
             sums = self.executor.compute(params, buffers, self.iteration)
         except NonFiniteLossError as exc:
             raise TrainingError(f"non-finite loss at iteration {self.iteration}: {exc}", self.iteration) from exc
+        except WorkerLost:
+            raise  # the caller may restart the worker group from the last checkpoint
+        except WorkerError as exc:
+            raise TrainingError(f"worker error at iteration {self.iteration}: {exc}", self.iteration) from exc
         grads, metrics, count = mean(sums)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise TrainingError(f"non-finite meta-gradient at iteration {self.iteration}", self.iteration)
@@ -263,7 +275,7 @@ class Trainer:
         return directory
 
 
-def _log_reporter(spec: JobSpec) -> Reporter:
+def log_reporter(spec: JobSpec) -> Reporter:
     """Default reporter: a progress line at most every 5 s (and at evaluations) on the logger."""
     state = {"last": 0.0, "start": time.monotonic()}
 

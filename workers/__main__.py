@@ -1,0 +1,60 @@
+"""``python -m workers train SPEC --run-dir DIR``: run one meta-training job from a spec file.
+
+Runs on Ray (``--ray``, the default: a local cluster, or the one in ``RAY_ADDRESS``) or in this
+process (``--local``). Launching it again with the same ``--run-dir`` resumes from the last
+checkpoint, which is how a job survives the death of the process that launched it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from workers.spec import JobSpec
+
+
+def load_spec(path: Path) -> JobSpec:
+    text = path.read_text()
+    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    return JobSpec.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="meta-train a job spec (YAML or JSON)")
+    train.add_argument("spec", type=Path)
+    train.add_argument("--run-dir", type=Path, required=True, help="checkpoints and the trained model go here")
+    train.add_argument("--local", action="store_true", help="compute in this process instead of on Ray")
+    train.add_argument("--data-root", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_spec(args.spec)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"{args.spec}: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    if args.local:
+        from workers.training import Trainer
+
+        result = Trainer(spec, run_dir=args.run_dir, data_root=args.data_root).run()
+    else:
+        from workers.distributed import run_training
+        from workers.training import log_reporter
+
+        result = run_training(spec, run_dir=args.run_dir, reporter=log_reporter(spec), should_stop=lambda: False,
+                              data_root=args.data_root)
+    print(json.dumps({"iteration": result.iteration, "eval": result.eval_metrics,
+                      "model_dir": str(result.model_dir) if result.model_dir else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
