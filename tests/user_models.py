@@ -36,3 +36,21 @@ class Broken(nn.Module):
 
 def make_broken(mode: str = "nan") -> nn.Module:
     return Broken(mode)
+
+
+class Countdown(nn.Module):
+    """An MLP whose outputs turn NaN after ``calls`` forward passes: a divergence at a known iteration."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 1)
+        self.left = calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.left -= 1
+        out = self.fc(x)
+        return out if self.left >= 0 else out * float("nan")
+
+
+def make_countdown(calls: int) -> nn.Module:
+    return Countdown(calls)

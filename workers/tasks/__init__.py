@@ -11,7 +11,8 @@ from workers.spec import ImageFolderTask, OmniglotTask, SinusoidTask
 from workers.tasks.base import Task, TaskFamily
 from workers.tasks.errors import DatasetError
 
-__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family", "default_cache_dir", "default_data_root"]
+__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family", "default_cache_dir",
+           "default_data_root"]
 
 # The shared data folder beside the repository: <repo>/../shared/data/omniglot.
 _SHARED_OMNIGLOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
@@ -29,8 +30,13 @@ def default_data_root() -> Path | None:
     return _SHARED_OMNIGLOT if _SHARED_OMNIGLOT.is_dir() else None
 
 
-def build_task_family(spec_task: SinusoidTask | OmniglotTask | ImageFolderTask, *, data_root: Path | None = None,
-                      cache_dir: Path | None = None, dtype: torch.dtype = torch.float32) -> TaskFamily:
+def build_task_family(
+    spec_task: SinusoidTask | OmniglotTask | ImageFolderTask,
+    *,
+    data_root: Path | None = None,
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TaskFamily:
     """The task family of a job's ``task`` spec.
 
     ``data_root`` (Omniglot only, when ``task.path`` is unset) holds the two zips, directly or in an
@@ -44,8 +50,12 @@ def build_task_family(spec_task: SinusoidTask | OmniglotTask | ImageFolderTask, 
     if isinstance(spec_task, OmniglotTask):
         from workers.tasks.omniglot import OmniglotFamily
 
-        return OmniglotFamily(spec_task, data_root=data_root if data_root is not None else default_data_root(),
-                              cache_dir=cache_dir if cache_dir is not None else default_cache_dir(), dtype=dtype)
+        return OmniglotFamily(
+            spec_task,
+            data_root=data_root if data_root is not None else default_data_root(),
+            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+            dtype=dtype,
+        )
     if isinstance(spec_task, ImageFolderTask):
         from workers.tasks.image_folder import ImageFolderFamily
 

@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 
 from workers.spec import ImageFolderTask
-from workers.tasks.base import Split, Task, task_rng
+from workers.tasks.base import LossName, Split, Task, task_rng
 from workers.tasks.errors import DatasetError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                            ".pgm"})
 CSV_SPLITS = ("train", "val", "test")
 FOLDER_FRACTIONS = (0.64, 0.16)  # train, val; test gets the rest
 SPLIT_SEED = 0
@@ -118,7 +119,8 @@ def read_class_folders(root: Path) -> dict[str, list[ImageClass]]:
             files = sorted(f.name for f in os.scandir(entry.path) if f.is_file() and _is_image(f.name))
             classes.append(ImageClass(entry.name, tuple(Path(entry.path) / f for f in files)))
     if not classes:
-        raise DatasetError("task.path", f"{root} holds no class folders (and no images/ with train/val/test.csv)")
+        raise DatasetError("task.path", f"{root} holds no class folders (and no images/ with "
+                           "train/val/test.csv)")
     n = len(classes)
     n_val = max(1, round(n * FOLDER_FRACTIONS[1]))
     n_test = max(1, n - round(n * FOLDER_FRACTIONS[0]) - n_val)
@@ -145,7 +147,9 @@ def read_splits(path: str) -> dict[str, list[ImageClass]]:
 class ImageFolderFamily:
     """N-way K-shot tasks from image files; label k is the k-th of the task's randomly drawn classes."""
 
-    loss = "cross_entropy"
+    loss: LossName = "cross_entropy"
+    input_shape: tuple[int, ...]
+    output_dim: int
 
     def __init__(self, spec: ImageFolderTask, *, dtype: torch.dtype = torch.float32,
                  cache_images: int = 2048) -> None:
@@ -164,7 +168,8 @@ class ImageFolderFamily:
             for image_class in classes:
                 if len(image_class.files) < need:
                     raise DatasetError("task.shots", f"class '{image_class.label}' ({name} split) has "
-                                       f"{len(image_class.files)} images, fewer than shots + queries = {need}")
+                                       f"{len(image_class.files)} images, fewer than shots + queries "
+                                       f"= {need}")
         self._init_cache()
 
     def _init_cache(self) -> None:

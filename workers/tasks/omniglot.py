@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from workers.spec import OmniglotTask
-from workers.tasks.base import Split, Task, task_rng
+from workers.tasks.base import LossName, Split, Task, task_rng
 from workers.tasks.errors import DatasetError
 
 try:
@@ -291,13 +291,16 @@ def split_characters(data: OmniglotData, split: str) -> dict[str, np.ndarray]:
 
 def split_classes(characters: np.ndarray, rotations: int) -> np.ndarray:
     """(classes, 2) rows of (character index, quarter turns): each rotation a class of its own."""
-    return np.stack([np.repeat(characters, rotations), np.tile(np.arange(rotations), len(characters))], axis=1)
+    turns = np.tile(np.arange(rotations), len(characters))
+    return np.stack([np.repeat(characters, rotations), turns], axis=1)
 
 
 class OmniglotFamily:
     """N-way K-shot Omniglot tasks; label k is the k-th of the task's randomly drawn classes."""
 
-    loss = "cross_entropy"
+    loss: LossName = "cross_entropy"
+    input_shape: tuple[int, ...]
+    output_dim: int
 
     def __init__(self, spec: OmniglotTask, *, data_root: Path | None, cache_dir: Path,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -321,7 +324,8 @@ class OmniglotFamily:
         for name in ("train", "test"):
             if len(self.classes[name]) < spec.ways:
                 raise DatasetError("task.ways", f"{spec.ways}-way tasks need {spec.ways} classes, but the "
-                                   f"'{name}' half of the {spec.split} split has only {len(self.classes[name])}")
+                                   f"'{name}' half of the {spec.split} split has only "
+                                   f"{len(self.classes[name])}")
 
     def sample(self, seed: int, iteration: int, index: int, split: Split = "train") -> Task:
         if split not in self.classes:

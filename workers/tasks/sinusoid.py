@@ -6,13 +6,13 @@ import numpy as np
 import torch
 
 from workers.spec import SinusoidTask
-from workers.tasks.base import Split, Task, task_rng
+from workers.tasks.base import LossName, Split, Task, task_rng
 
 
 class SinusoidFamily:
-    loss = "mse"
-    input_shape = (1,)
-    output_dim = 1
+    loss: LossName = "mse"
+    input_shape: tuple[int, ...] = (1,)
+    output_dim: int = 1
 
     def __init__(self, spec: SinusoidTask, dtype: torch.dtype = torch.float32) -> None:
         self.spec = spec
