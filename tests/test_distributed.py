@@ -99,8 +99,8 @@ def test_cancel_stops_within_ten_seconds_and_keeps_a_usable_checkpoint(cluster, 
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt is not None and ckpt.iteration == result.iteration
     # usable: resuming continues from it
-    resumed = _run(spec.model_copy(update={"outer": spec.outer.model_copy(update={"iterations": result.iteration + 3})}),
-                   tmp_path)
+    longer = spec.model_copy(update={"outer": spec.outer.model_copy(update={"iterations": result.iteration + 3})})
+    resumed = _run(longer, tmp_path)
     assert resumed.iteration == result.iteration + 3
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers import meta_gradient
-from workers.aggregator import GradientSum, mean
+from workers.aggregator import mean
 from workers.engine import shard_meta_gradient
 from workers.inner import split_state
 from workers.models import build_model
