@@ -94,6 +94,12 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_rss_bytes(self) -> int:
+        """This worker process's resident-memory high-water mark."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
     def compute(self, state: tuple[Params, Params], iteration: int) -> tuple[torch.Tensor, dict[str, float], int]:
         params, buffers = ({k: v.to(self.device) for k, v in d.items()} for d in state)
         tasks = sample_shard(self.family, self.spec, iteration, self.rank, self.world, self.device)
