@@ -1,0 +1,26 @@
+# maml-service: one image for the control plane and the Ray workers.
+# CPU by default; for GPU nodes build with BASE=rayproject/ray:2.60.0-py311-gpu (or a CUDA base)
+# and TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+ARG TORCH_SPEC="torch>=2.13"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    MAML_DATA_DIR=/var/lib/maml \
+    MAML_CACHE_DIR=/var/cache/maml
+
+WORKDIR /app
+RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY workers ./workers
+COPY api ./api
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 1000 maml \
+    && mkdir -p /var/lib/maml /var/cache/maml && chown -R maml /var/lib/maml /var/cache/maml
+USER maml
+EXPOSE 8000
+# Embedded mode: local Ray and SQLite in MAML_DATA_DIR. On a cluster set MAML_RAY_ADDRESS (and
+# RAY_AUTH_TOKEN where the cluster uses token auth) and MAML_DATABASE_URL.
+CMD ["maml", "serve", "--host", "0.0.0.0", "--port", "8000"]
