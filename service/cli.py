@@ -1,0 +1,189 @@
+"""``maml``: the command line of the service (typer).
+
+The URL and API key come from ``--url``/``--key`` or ``MAML_URL``/``MAML_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from service.client import ApiError, Client
+
+app = typer.Typer(help="maml-service: meta-training jobs, models and adaptation over REST.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+Url = Annotated[str, typer.Option("--url", envvar="MAML_URL", help="the service's base URL")]
+Key = Annotated[str | None, typer.Option("--key", envvar="MAML_API_KEY", help="API key (bearer token)")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str, key: str | None) -> Client:
+    return Client(url, key)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def _read(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from exc
+    return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          data_dir: Annotated[Path | None, typer.Option(help="database, storage and cache folder")] = None) -> None:
+    """Run the service: REST API, job manager and an embedded Ray cluster (or MAML_RAY_ADDRESS)."""
+    import logging
+
+    import uvicorn
+
+    from api.main import create_app
+    from service.config import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def watch(client: Client, job_id: str) -> dict[str, Any]:
+    """Follow a job's events with a progress bar; returns the final job."""
+    final: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console) as bar:
+        task = bar.add_task(job_id[:8], total=None, info="")
+        for event, data in client.events(job_id):
+            if event == "progress":
+                bar.update(task, completed=data["iteration"], total=data["total"])
+            elif event == "metrics":
+                m = data["metrics"]
+                shown = {k: m[k] for k in ("meta/loss", "meta/accuracy", "eval/loss", "eval/accuracy")
+                         if m.get(k) is not None}
+                bar.update(task, info="  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+            elif event == "status":
+                bar.update(task, description=f"{job_id[:8]} {data['status']}")
+            elif event == "end":
+                final = data
+    return final
+
+
+@app.command()
+def submit(spec: Path, watch_: Annotated[bool, typer.Option("--watch", help="follow to the end")] = False,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Submit a job spec (YAML or JSON)."""
+    client = _client(url, key)
+    try:
+        job = client.submit(_read(spec))
+        console.print(f"submitted job [bold]{job['id']}[/bold] ({job['status']})")
+        if watch_:
+            job = watch(client, job["id"])
+            console.print(f"job {job['id']}: [bold]{job['status']}[/bold]"
+                          + (f" model {job['model_id']}" if job.get("model_id") else "")
+                          + (f" error: {job['error']}" if job.get("error") else ""))
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def jobs(status: str | None = None, limit: int = 50, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """List jobs, newest first."""
+    try:
+        page = _client(url, key).jobs(status=status, limit=limit)
+    except ApiError as exc:
+        _fail(exc)
+    table = Table("id", "name", "status", "progress", "model", title=f"{page['count']} jobs")
+    for j in page["data"]:
+        p = j["progress"]
+        table.add_row(j["id"], j["name"], j["status"], f"{p['iteration']}/{p['total']}", j.get("model_id") or "")
+    console.print(table)
+
+
+@app.command()
+def status(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """A job's status, progress, latest metrics and error."""
+    try:
+        console.print_json(json.dumps(_client(url, key).job(job_id)))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def metrics(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """A job's metric series as JSON lines."""
+    try:
+        for point in _client(url, key).metrics(job_id)["data"]:
+            sys.stdout.write(json.dumps(point) + "\n")
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def cancel(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Cancel a queued or running job."""
+    try:
+        job = _client(url, key).cancel(job_id)
+        console.print(f"job {job_id}: cancel requested ({job['status']})")
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def models(url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """List registered models."""
+    try:
+        page = _client(url, key).models()
+    except ApiError as exc:
+        _fail(exc)
+    table = Table("id", "name", "kind", "input", "job", "meta-test", title=f"{page['count']} models")
+    for m in page["data"]:
+        ev = m["eval_metrics"]
+        score = ev.get("eval/accuracy") if m["kind"] == "classification" else ev.get("eval/loss")
+        table.add_row(m["id"], m["name"], m["kind"], str(m["input_shape"]), m["job_id"],
+                      f"{score:.4g}" if score is not None else "")
+    console.print(table)
+
+
+@app.command()
+def adapt(model_id: str,
+          support: Annotated[Path, typer.Option(help='JSON/YAML file {"x": [...], "y": [...]}')],
+          query: Annotated[Path | None, typer.Option(help='JSON/YAML file {"x": [...]}')] = None,
+          steps: int | None = None, lr: float | None = None, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Adapt a model to K labelled examples and predict the query inputs."""
+    body: dict[str, Any] = {"support": _read(support), "query": _read(query) if query else {"x": []}}
+    if steps is not None:
+        body["steps"] = steps
+    if lr is not None:
+        body["lr"] = lr
+    try:
+        console.print_json(json.dumps(_client(url, key).adapt(model_id, body)))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command("create-key")
+def create_key(tenant: str, name: str = "key", url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """(admin) Create a tenant's API key; the secret is shown once."""
+    try:
+        created = _client(url, key).create_key(tenant, name)
+    except ApiError as exc:
+        _fail(exc)
+    console.print(f"key {created['id']} for tenant {created['tenant']}: [bold]{created['secret']}[/bold]")
+
+
+if __name__ == "__main__":
+    app()

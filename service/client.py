@@ -1,0 +1,94 @@
+"""A small typed client of the REST API, shared by the CLI and the demo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer; ``detail`` is the server's explanation (it names the field for a 422)."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"HTTP {status}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    if isinstance(detail, list):  # pydantic's list of errors: "loc: msg" per entry
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body')}: {e.get('msg')}" if isinstance(e, dict)
+            else str(e) for e in detail)
+    return str(detail)
+
+
+class Client:
+    def __init__(self, url: str, key: str | None, *, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        response = self.http.request(method, path, **kw)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/jobs", json=spec)
+
+    def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return self._call("GET", "/jobs", params=params)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}/metrics")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/cancel")
+
+    def models(self) -> dict[str, Any]:
+        return self._call("GET", "/models")
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}")
+
+    def adapt(self, model_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/models/{model_id}/adapt", json=body)
+
+    def create_key(self, tenant: str, name: str = "key") -> dict[str, Any]:
+        return self._call("POST", "/keys", json={"tenant": tenant, "name": name})
+
+    def events(self, job_id: str) -> Iterator[tuple[str, Any]]:
+        """Server-Sent Events of a job: (event, data) pairs until the job ends."""
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response.status_code, response.text)
+            event, data = "message", []
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield event, json.loads("\n".join(data))
+                    if event == "end":
+                        return
+                    event, data = "message", []
+
+    def close(self) -> None:
+        self.http.close()
