@@ -1,0 +1,44 @@
+"""Models: the registry of trained models, their weights, and adaptation queries."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from api.deps import AdapterDep, CurrentKey, SessionDep
+from service import registry
+from service.schemas import AdaptRequest, AdaptResponse, ModelPublic, ModelsPublic
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(session: SessionDep, key: CurrentKey, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> ModelsPublic:
+    rows, count = registry.list_models(session=session, scope=key.scope, limit=limit, offset=offset)
+    return ModelsPublic(data=[ModelPublic.from_row(m) for m in rows], count=count)
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, session: SessionDep, key: CurrentKey) -> ModelPublic:
+    return ModelPublic.from_row(registry.get_model(session=session, model_id=model_id, scope=key.scope))
+
+
+@router.get("/{model_id}/weights", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}})
+def get_model_weights(model_id: str, session: SessionDep, key: CurrentKey) -> FileResponse:
+    model = registry.get_model(session=session, model_id=model_id, scope=key.scope)
+    return FileResponse(registry.weights_path(model), media_type="application/octet-stream",
+                        filename=f"{model_id}.safetensors")
+
+
+@router.post("/{model_id}/adapt", response_model=AdaptResponse)
+async def adapt_model(model_id: str, body: AdaptRequest, key: CurrentKey, adapter: AdapterDep) -> AdaptResponse:
+    """Adapt the model to a support set and predict the query inputs.
+
+    Inputs of the wrong shape, labels out of range and non-finite values answer 422 naming the
+    item (``support.x[3]``); when the adaptation pool is saturated, 429 with Retry-After.
+    """
+    return await adapter.adapt(model_id=model_id, principal=key, request=body)

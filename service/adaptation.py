@@ -1,0 +1,353 @@
+"""Adaptation queries: "here are K labelled examples of my new task: adapt and predict".
+
+A query is validated against the model (input shape, label range, finite values, sizes), adapted
+with ``workers.evaluation.adapt`` -- the meta-test procedure of training, with the model's own
+``eval.steps`` and ``inner.lr`` unless the query overrides them -- and answered with predictions
+for the query inputs and the support loss before and after adaptation.
+
+Image models take base64 PNG or JPEG strings, preprocessed by the task family's own function, so
+an uploaded image becomes exactly the tensor training would have made of it.
+
+The work runs on a pool of ``adapt_max_concurrency`` threads, off the event loop. At most
+``adapt_queue_limit`` more queries wait; beyond that the answer is 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from service import registry
+from service.config import Settings
+from service.db import Model, new_id
+from service.errors import Conflict, InvalidInput, NotFound, Saturated
+from service.keys import Principal
+from service.metrics import ServiceMetrics
+from service.schemas import AdaptRequest, AdaptResponse
+from workers.evaluation import adapt
+from workers.inner import Forward, NonFiniteLossError, Params
+from workers.models import ModelError, build_model
+from workers.spec import JobSpec
+from workers.training import torch_dtype
+
+logger = logging.getLogger(__name__)
+_IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass
+class LoadedModel:
+    """A registry model ready to adapt: module, parameters and buffers, and what its inputs look like."""
+
+    id: str
+    tenant: str
+    spec: JobSpec
+    module: nn.Module
+    params: Params
+    buffers: Params
+    input_shape: tuple[int, ...]
+    output_dim: int
+    loss: str
+    dtype: torch.dtype
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def classification(self) -> bool:
+        return self.loss == "cross_entropy"
+
+    @property
+    def images(self) -> bool:
+        return self.spec.task.family in ("omniglot", "image_folder")
+
+    def module_for_thread(self) -> nn.Module:
+        # torch.func.functional_call swaps a module's tensors while it runs, so two threads must not
+        # share one module: each pool thread gets its own copy (the parameters are passed in anyway).
+        module = getattr(self._local, "module", None)
+        if module is None:
+            module = self._local.module = copy.deepcopy(self.module)
+        return module
+
+
+def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel:
+    spec = JobSpec.model_validate(row.spec)
+    dtype = torch_dtype(spec)
+    try:
+        module = build_model(spec.model, input_shape=tuple(row.input_shape), output_dim=row.output_dim,
+                             allowed_modules=allowed_modules)
+    except ModelError as exc:
+        raise Conflict(f"model '{row.id}' cannot be loaded: {exc}") from exc
+    module.load_state_dict(load_file(str(registry.weights_path(row))), strict=True)
+    module.to(dtype)
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    buffers = {n: b.detach() for n, b in module.named_buffers()}
+    return LoadedModel(id=row.id, tenant=row.tenant, spec=spec, module=module, params=params, buffers=buffers,
+                       input_shape=tuple(row.input_shape), output_dim=row.output_dim, loss=row.loss, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _numeric(items: list[Any], name: str, shape: tuple[int, ...], kinds: str = "iuf") -> np.ndarray:
+    """``items`` as an array of shape (n, *shape), or InvalidInput naming the first bad item."""
+    arr: np.ndarray | None
+    try:
+        arr = np.asarray(items)
+    except ValueError:  # ragged
+        arr = None
+    if arr is not None and arr.dtype.kind in kinds:
+        if arr.shape == (len(items), *shape):
+            return arr
+        if shape == (1,) and arr.shape == (len(items),):  # scalars for one-value items: [0.3] or 0.3
+            return arr.reshape(-1, 1)
+    for i, item in enumerate(items):
+        _item(item, f"{name}[{i}]", shape, kinds)
+    raise InvalidInput(name, f"expected a list of arrays of shape {list(shape)}")
+
+
+def _item(item: Any, where: str, shape: tuple[int, ...], kinds: str = "iuf") -> np.ndarray:
+    """One item as an array of ``shape`` of finite numbers, or InvalidInput naming it."""
+    try:
+        one = np.asarray(item)
+    except ValueError:
+        raise InvalidInput(where, f"expected an array of shape {list(shape)} of numbers") from None
+    if one.dtype.kind not in kinds or isinstance(item, bool):
+        raise InvalidInput(where, f"expected numbers (an array of shape {list(shape)}), got {_kind(item)}")
+    if one.shape != shape and not (shape == (1,) and one.shape == ()):
+        raise InvalidInput(where, f"shape {list(one.shape)} does not match the model's input shape {list(shape)}")
+    if one.dtype.kind == "f" and not np.isfinite(one).all():
+        raise InvalidInput(where, "values must be finite (no NaN or infinity)")
+    return one.reshape(shape)
+
+
+def _kind(item: Any) -> str:
+    return "a string" if isinstance(item, str) else "a boolean" if isinstance(item, bool) else type(item).__name__
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    if bad.any():
+        raise InvalidInput(f"{name}[{int(np.argmax(bad))}]", "values must be finite (no NaN or infinity)")
+
+
+def decode_image(text: str, name: str, max_pixels: int) -> Image.Image:
+    """A base64 PNG or JPEG (a ``data:`` URL is fine) as a freshly opened PIL image.
+
+    Not loaded yet: the task family's preprocessing decodes it, as in training (a JPEG is decoded
+    at a reduced scale only when it is freshly opened).
+    """
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+        img = Image.open(io.BytesIO(raw))
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        raise InvalidInput(name, "expected a base64-encoded PNG or JPEG image") from None
+    if img.format not in _IMAGE_FORMATS:
+        raise InvalidInput(name, f"image format {img.format} is not supported (PNG or JPEG)")
+    if img.width * img.height > max_pixels:
+        raise InvalidInput(name, f"image of {img.width}x{img.height} pixels is over the limit of {max_pixels}")
+    return img
+
+
+def _preprocess(img: Image.Image, spec: JobSpec, dtype: torch.dtype) -> torch.Tensor:
+    """The task family's own preprocessing: the tensor training made of such an image."""
+    task = spec.task
+    if task.family == "omniglot":
+        from workers.tasks.omniglot import preprocess_image
+
+        return preprocess_image(img, task.image_size, dtype)
+    if task.family == "image_folder":
+        from workers.tasks.image_folder import preprocess_image as preprocess_folder_image
+
+        return preprocess_folder_image(img, task.image_size, task.channels, dtype)
+    raise ValueError(f"the {task.family} family takes no images")
+
+
+def inputs_tensor(items: list[Any], name: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
+    """Query or support inputs as one (n, *input_shape) tensor."""
+    if not items:
+        return torch.empty((0, *model.input_shape), dtype=model.dtype)
+    if model.images and any(isinstance(item, str) for item in items):
+        tensors = []
+        for i, item in enumerate(items):
+            where = f"{name}[{i}]"
+            if isinstance(item, str):
+                try:
+                    t = _preprocess(decode_image(item, where, max_pixels), model.spec, model.dtype)
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    raise InvalidInput(where, "the image data is truncated or corrupt") from None
+                if tuple(t.shape) != model.input_shape:
+                    raise InvalidInput(where, f"preprocessed to {list(t.shape)}, the model takes "
+                                       f"{list(model.input_shape)}")
+            else:
+                t = torch.as_tensor(_item(item, where, model.input_shape), dtype=model.dtype)
+            tensors.append(t)
+        return torch.stack(tensors)
+    arr = _numeric(items, name, model.input_shape)
+    _check_finite(arr, name)
+    return torch.as_tensor(arr, dtype=model.dtype)
+
+
+def targets_tensor(items: list[Any], name: str, model: LoadedModel) -> torch.Tensor:
+    if model.classification:
+        if any(isinstance(v, bool) for v in items):
+            i = next(i for i, v in enumerate(items) if isinstance(v, bool))
+            raise InvalidInput(f"{name}[{i}]", "expected an integer label, got a boolean")
+        arr = _numeric(items, name, (), kinds="iu")
+        bad = (arr < 0) | (arr >= model.output_dim)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidInput(f"{name}[{i}]", f"label {int(arr[i])} is outside 0..{model.output_dim - 1}")
+        return torch.as_tensor(arr, dtype=torch.int64)
+    arr = _numeric(items, name, (model.output_dim,))
+    _check_finite(arr, name)
+    return torch.as_tensor(arr, dtype=model.dtype)
+
+
+# ------------------------------------------------------------------------------------------ service
+
+
+class Adapter:
+    """Adaptation queries over the registry, with an LRU cache of loaded models and bounded concurrency."""
+
+    def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session],
+                 metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.metrics = metrics or ServiceMetrics()
+        self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt")
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._in_flight = 0
+        self._admission = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def capacity(self) -> int:
+        return self.settings.adapt_max_concurrency + self.settings.adapt_queue_limit
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _release(self, _future: Future[Any] | None = None) -> None:
+        with self._admission:
+            self._in_flight -= 1
+
+    async def adapt(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
+        """Adapt on the pool; Saturated (429) at once when ``capacity`` queries are already in flight."""
+        with self._admission:
+            if self._in_flight >= self.capacity:
+                self.metrics.adapt_rejected.inc()
+                raise Saturated(f"{self._in_flight} adaptation queries in flight; retry later",
+                                retry_after=self.settings.adapt_retry_after_s)
+            self._in_flight += 1
+        start = time.perf_counter()
+        try:
+            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
+        except RuntimeError:  # the pool is shut down: the service is stopping
+            self._release()
+            raise
+        # Released when the computation ends, not when the client leaves: the slot is busy until then.
+        future.add_done_callback(self._release)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self.metrics.adapt_latency.observe(time.perf_counter() - start)
+
+    def model(self, model_id: str, scope: str | None) -> LoadedModel:
+        """The loaded model (cached, least recently used evicted), or NotFound for another tenant."""
+        with self._cache_lock:
+            loaded = self._cache.get(model_id)
+            if loaded is not None:
+                self._cache.move_to_end(model_id)
+        if loaded is None:
+            with self.session_factory() as session:
+                row = registry.get_model(session=session, model_id=model_id, scope=scope)
+            loaded = load_model(row, allowed_modules=self.settings.model_allowlist)
+            with self._cache_lock:
+                self._cache[model_id] = loaded
+                while len(self._cache) > self.settings.model_cache_size:
+                    self._cache.popitem(last=False)
+        elif scope is not None and loaded.tenant != scope:
+            raise NotFound("model", model_id)  # the same answer as the database path gives
+        return loaded
+
+    def adapt_sync(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
+        settings = self.settings
+        model = self.model(model_id, principal.scope)
+        spec = model.spec
+        support, query = request.support, request.query
+        if len(support.x) > settings.adapt_max_support:
+            raise InvalidInput("support.x", f"{len(support.x)} items; at most {settings.adapt_max_support}")
+        if len(query.x) > settings.adapt_max_query:
+            raise InvalidInput("query.x", f"{len(query.x)} items; at most {settings.adapt_max_query}")
+        if len(support.y) != len(support.x):
+            raise InvalidInput("support.y", f"{len(support.y)} targets for {len(support.x)} inputs")
+        steps = spec.eval.steps if request.steps is None else request.steps
+        if steps > settings.adapt_max_steps:
+            raise InvalidInput("steps", f"{steps} steps; at most {settings.adapt_max_steps}")
+        lr = spec.inner.lr if request.lr is None else request.lr
+        max_pixels = settings.adapt_max_image_pixels
+        xs = inputs_tensor(support.x, "support.x", model, max_pixels)  # (K, *input_shape)
+        ys = targets_tensor(support.y, "support.y", model)  # (K, output_dim) or (K,)
+        xq = inputs_tensor(query.x, "query.x", model, max_pixels)  # (Q, *input_shape)
+
+        module = model.module_for_thread()
+        try:
+            adapted, before, after = adapt(module, model.params, model.buffers, xs, ys, steps=steps, lr=lr,
+                                           loss=model.loss, optimizer=spec.inner.optimizer,  # type: ignore[arg-type]
+                                           batch_size=spec.inner.batch_size)
+        except NonFiniteLossError as exc:
+            raise InvalidInput("lr", f"adaptation diverged ({exc}); use a smaller lr or fewer steps") from None
+        with torch.no_grad():
+            out = Forward(module, model.buffers)(adapted, xq) if len(xq) else None  # (Q, output_dim)
+        if not (np.isfinite(before) and np.isfinite(after)) or (out is not None and not torch.isfinite(out).all()):
+            raise InvalidInput("lr", "adaptation diverged (non-finite loss or predictions); use a smaller lr")
+
+        probabilities = None
+        if model.classification:
+            predictions: list[Any] = [] if out is None else out.argmax(dim=-1).tolist()
+            probabilities = [] if out is None else torch.softmax(out.double(), dim=-1).tolist()
+        else:
+            predictions = [] if out is None else out.double().tolist()
+
+        adapted_id = self._store(model, principal, adapted, steps, lr) if request.return_weights else None
+        return AdaptResponse(model_id=model.id, kind="classification" if model.classification else "regression",
+                             predictions=predictions, probabilities=probabilities, support_loss_before=before,
+                             support_loss_after=after, steps=steps, lr=lr, adapted_id=adapted_id)
+
+    def _store(self, model: LoadedModel, principal: Principal, adapted: Params, steps: int, lr: float) -> str:
+        adapted_id = new_id()
+        folder = registry.adapted_dir(self.settings.storage_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        path: Path = folder / f"{adapted_id}.safetensors"
+        tensors = {**{k: v.detach().cpu().contiguous() for k, v in model.buffers.items()},
+                   **{k: v.detach().cpu().contiguous() for k, v in adapted.items()}}
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(tensors, str(tmp))
+        tmp.rename(path)
+        with self.session_factory() as session:
+            row = registry.get_model(session=session, model_id=model.id, scope=None)
+            registry.add_adapted(session=session, adapted_id=adapted_id, model=row, tenant=principal.tenant,
+                                 steps=steps, lr=lr, path=path)
+        return adapted_id

@@ -1,0 +1,151 @@
+"""Service settings: one ``BaseSettings`` class, read from ``MAML_*`` environment variables.
+
+Read it through :func:`get_settings` (cached), or build ``Settings(...)`` explicitly and hand it to
+``api.main.create_app`` (tests do). The database and the storage default to places under
+``data_dir``, so one ``MAML_DATA_DIR`` moves a deployment; the dataset cache is shared by default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+# The repository's sibling ``shared/data`` holds the datasets in this project's layout (Omniglot).
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Secrets that appear in docs and templates: refused outside development.
+_WEAK_SECRETS = {"changeme", "changethis", "admin", "secret", "password", "token", "test", "maml", "default"}
+_MIN_SECRET_LENGTH = 16
+
+
+def _split_list(value: object) -> object:
+    """``a,b,c`` (or a JSON list) from the environment as a list; empty string as an empty list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Settings of the service; each field is ``MAML_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MAML_", extra="ignore", populate_by_name=True,
+                                      validate_default=True)
+
+    env: Literal["development", "production"] = Field(
+        "development", description="production refuses a missing or weak admin token")
+    data_dir: Path = Field(Path(".data"), description="root of the database file, storage and cache")
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("MAML_DATABASE_URL", "DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL (postgresql+psycopg://...); default: SQLite file data_dir/maml.db")
+    storage_dir: Path | None = Field(None, description="weights, checkpoints, runs; default data_dir/storage")
+    cache_dir: Path | None = Field(
+        None, description="decoded dataset caches, shared by runs; default ~/.cache/maml-service as the workers'")
+    data_root: Path | None = Field(
+        _SHARED_DATA if _SHARED_DATA.is_dir() else None,
+        description="default dataset folder (Omniglot without task.path); must be inside data_roots")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [_SHARED_DATA] if _SHARED_DATA.is_dir() else [],
+        description="folders a job's task.path may point into (comma-separated in the environment)")
+    admin_token: SecretStr | None = Field(
+        None, description="the admin bearer key (creates tenant keys); at least 16 characters in production")
+    model_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="module prefixes a model.factory may come from (comma-separated); empty: none")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: an embedded local one")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray cluster (default: all)")
+    max_concurrent_jobs: int = Field(1, ge=1, le=256, description="jobs trained at the same time")
+    max_job_attempts: int = Field(
+        3, ge=1, le=100, description="starts of one job (restarts included) before it is marked failed")
+    report_every: int = Field(1, ge=1, description="iterations between progress reports from the trainer")
+    metrics_flush_s: float = Field(
+        0.5, ge=0, le=60, description="at most this often a running job's metrics are written to the database")
+    stop_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for running jobs")
+    events_poll_s: float = Field(0.25, gt=0, le=10, description="how often the SSE stream looks for news")
+    adapt_max_concurrency: int = Field(4, ge=1, le=256, description="adaptation queries computed at once")
+    adapt_queue_limit: int = Field(
+        16, ge=0, le=10_000, description="adaptation queries waiting beyond those; more answer 429")
+    adapt_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 429 answer")
+    adapt_max_support: int = Field(1000, ge=1, description="most support items in one adaptation query")
+    adapt_max_query: int = Field(1000, ge=1, description="most query items in one adaptation query")
+    adapt_max_steps: int = Field(1000, ge=0, description="most adaptation steps in one query")
+    adapt_max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest uploaded image (width x height) before decoding")
+    model_cache_size: int = Field(8, ge=1, description="loaded models kept in memory for adaptation")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies answer 413")
+    auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is remembered")
+
+    @field_validator("data_roots", "model_allowlist", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _secure(self) -> Settings:
+        token = self.admin_token.get_secret_value() if self.admin_token is not None else None
+        weak = token is not None and (len(token) < _MIN_SECRET_LENGTH or token.lower() in _WEAK_SECRETS)
+        if self.env != "development":
+            if token is None:
+                raise ValueError("admin_token: MAML_ADMIN_TOKEN must be set outside development")
+            if weak:
+                raise ValueError(f"admin_token: refused outside development: use at least "
+                                 f"{_MIN_SECRET_LENGTH} random characters (e.g. `openssl rand -hex 32`)")
+        return self
+
+    def warn_insecure(self) -> None:
+        """Log what is acceptable in development only (called once at start-up)."""
+        if self.admin_token is None:
+            logger.warning("MAML_ADMIN_TOKEN is not set: no admin key, so no tenant key can be created")
+        elif len(self.admin_token.get_secret_value()) < _MIN_SECRET_LENGTH:
+            logger.warning("MAML_ADMIN_TOKEN is weak; it would be refused with MAML_ENV=production")
+
+    # -- derived paths ---------------------------------------------------------------------------
+
+    @property
+    def storage_path(self) -> Path:
+        return (self.storage_dir or self.data_dir / "storage").expanduser()
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir.expanduser()
+        from workers.tasks import default_cache_dir  # one default for the service and the workers
+
+        return default_cache_dir()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir.expanduser() / 'maml.db').resolve()}"
+
+    @property
+    def allowed_data_roots(self) -> list[Path]:
+        """The resolved dataset roots: ``data_roots`` plus ``data_root`` (a default is always allowed)."""
+        roots = [*self.data_roots, *([self.data_root] if self.data_root is not None else [])]
+        unique: list[Path] = []
+        for root in roots:
+            resolved = root.expanduser().resolve()
+            if resolved not in unique:
+                unique.append(resolved)
+        return unique
+
+    def prepare(self) -> None:
+        """Create the directories the service writes to."""
+        for path in (self.data_dir.expanduser(), self.storage_path, self.cache_path):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, from the environment, read once."""
+    return Settings()

@@ -1,0 +1,92 @@
+"""The model registry: trained models (and adapted weights) on the storage path, indexed in the database.
+
+Layout under ``storage``::
+
+    models/<model_id>/model.safetensors, model.json     (as exported by workers.training)
+    adapted/<adapted_id>.safetensors                     (return_weights of an adaptation query)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db import AdaptedWeights, Job, Model, new_id
+from service.errors import NotFound
+from service.schemas import finite_metrics
+
+logger = logging.getLogger(__name__)
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+
+
+def models_dir(storage: Path) -> Path:
+    return storage / "models"
+
+
+def adapted_dir(storage: Path) -> Path:
+    return storage / "adapted"
+
+
+def register_model(*, session: Session, job: Job, export_dir: Path, storage: Path) -> Model:
+    """Copy an exported model into the registry and add its row (the caller commits).
+
+    Copied, not moved: the run folder stays whole, so a crash before the commit re-registers
+    the same export on the next start.
+    """
+    info = json.loads((export_dir / INFO_FILE).read_text())
+    model_id = new_id()
+    target = models_dir(storage) / model_id
+    tmp = target.with_name(f".tmp-{model_id}")
+    shutil.copytree(export_dir, tmp)
+    tmp.rename(target)  # atomic: a model folder is whole or absent
+    model = Model(id=model_id, tenant=job.tenant, job_id=job.id, name=job.name, spec=info["spec"],
+                  input_shape=[int(d) for d in info["input_shape"]], output_dim=int(info["output_dim"]),
+                  loss=info["loss"], iteration=int(info.get("iteration", job.total)),
+                  eval_metrics=finite_metrics(info.get("eval_metrics") or {}), path=str(target))
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(*, session: Session, model_id: str, scope: str | None) -> Model:
+    model = session.get(Model, model_id)
+    if model is None or (scope is not None and model.tenant != scope):
+        raise NotFound("model", model_id)
+    return model
+
+
+def list_models(*, session: Session, scope: str | None, limit: int = 100, offset: int = 0) -> tuple[list[Model], int]:
+    query, counted = select(Model), select(func.count()).select_from(Model)
+    if scope is not None:
+        query, counted = query.where(Model.tenant == scope), counted.where(Model.tenant == scope)
+    count = session.scalar(counted) or 0
+    rows = session.scalars(query.order_by(Model.created_at.desc(), Model.id.desc()).limit(limit).offset(offset))
+    return list(rows.all()), count
+
+
+def weights_path(model: Model) -> Path:
+    path = Path(model.path) / WEIGHTS_FILE
+    if not path.is_file():
+        raise NotFound("model weights", model.id)
+    return path
+
+
+def add_adapted(*, session: Session, adapted_id: str, model: Model, tenant: str, steps: int, lr: float,
+                path: Path) -> AdaptedWeights:
+    row = AdaptedWeights(id=adapted_id, model_id=model.id, tenant=tenant, steps=steps, lr=lr, path=str(path))
+    session.add(row)
+    session.commit()
+    return row
+
+
+def get_adapted(*, session: Session, adapted_id: str, scope: str | None) -> AdaptedWeights:
+    row = session.get(AdaptedWeights, adapted_id)
+    if row is None or (scope is not None and row.tenant != scope) or not Path(row.path).is_file():
+        raise NotFound("adapted weights", adapted_id)
+    return row
