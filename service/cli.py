@@ -106,7 +106,10 @@ def jobs(status: str | None = None, limit: int = 50, url: Url = DEFAULT_URL, key
         page = _client(url, key).jobs(status=status, limit=limit)
     except ApiError as exc:
         _fail(exc)
-    table = Table("id", "name", "status", "progress", "model", title=f"{page['count']} jobs")
+    table = Table(title=f"{page['count']} jobs")
+    table.add_column("id", no_wrap=True, min_width=36)  # whole ids: they are what the other commands take
+    for column in ("name", "status", "progress", "model"):
+        table.add_column(column)
     for j in page["data"]:
         p = j["progress"]
         table.add_row(j["id"], j["name"], j["status"], f"{p['iteration']}/{p['total']}", j.get("model_id") or "")
@@ -149,7 +152,10 @@ def models(url: Url = DEFAULT_URL, key: Key = None) -> None:
         page = _client(url, key).models()
     except ApiError as exc:
         _fail(exc)
-    table = Table("id", "name", "kind", "input", "job", "meta-test", title=f"{page['count']} models")
+    table = Table(title=f"{page['count']} models")
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("name", "kind", "input", "job", "meta-test"):
+        table.add_column(column)
     for m in page["data"]:
         ev = m["eval_metrics"]
         score = ev.get("eval/accuracy") if m["kind"] == "classification" else ev.get("eval/loss")

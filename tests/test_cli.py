@@ -1,0 +1,85 @@
+"""The ``maml`` CLI against a real HTTP server (uvicorn in a thread; jobs train in-process)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from conftest import ADMIN_TOKEN, make_app, make_settings
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(make_app(make_settings(tmp_path)), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _cli(*args: str, url: str, key: str) -> str:
+    result = runner.invoke(app, [*args, "--url", url, "--key", key], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cli_submit_watch_models_adapt(server: str, tmp_path: Path) -> None:
+    out = _cli("create-key", "cli-tenant", url=server, key=ADMIN_TOKEN)
+    secret = out.strip().split()[-1]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "cli-sine", "outer": {"iterations": 30, "meta_batch_size": 4},
+                                    "eval": {"every": 15, "tasks": 5, "steps": 5}}))
+    out = _cli("submit", str(spec), "--watch", url=server, key=secret)
+    assert "succeeded" in out
+    job_id = out.split("submitted job ")[1].split()[0]
+    assert job_id in _cli("jobs", url=server, key=secret)
+    status = json.loads(_cli("status", job_id, url=server, key=secret))
+    assert status["status"] == "succeeded" and status["progress"]["iteration"] == 30
+    lines = _cli("metrics", job_id, url=server, key=secret).strip().splitlines()
+    assert json.loads(lines[-1])["iteration"] == 30
+    assert status["model_id"] in _cli("models", url=server, key=secret)
+
+    support = tmp_path / "support.json"
+    support.write_text(json.dumps({"x": [[0.1], [1.0], [2.0]], "y": [[0.5], [0.9], [0.2]]}))
+    query = tmp_path / "query.json"
+    query.write_text(json.dumps({"x": [[0.5], [1.5]]}))
+    answer = json.loads(_cli("adapt", status["model_id"], "--support", str(support), "--query", str(query),
+                             "--steps", "5", url=server, key=secret))
+    assert len(answer["predictions"]) == 2
+    assert answer["support_loss_after"] < answer["support_loss_before"]
+
+
+def test_cli_reports_the_field_of_a_bad_spec(server: str, tmp_path: Path) -> None:
+    spec = tmp_path / "bad.json"
+    spec.write_text(json.dumps({"inner": {"steps": 0}}))
+    result = runner.invoke(app, ["submit", str(spec), "--url", server, "--key", ADMIN_TOKEN])
+    assert result.exit_code == 1
+    assert "inner.steps" in result.output
+    result = runner.invoke(app, ["status", "no-such-job", "--url", server, "--key", ADMIN_TOKEN])
+    assert result.exit_code == 1 and "404" in result.output
