@@ -97,8 +97,8 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     (RESULTS / f"distributed{suffix}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     lines = [
-        "# Ray layer: Omniglot 5-way 1-shot Conv4, meta-batch %d, s per meta-iteration (median of %d)"
-        % (args.batch, args.iterations), "",
+        f"# Ray layer: Omniglot 5-way 1-shot Conv4, meta-batch {args.batch}, s per meta-iteration "
+        f"(median of {args.iterations})", "",
         f"Machine: {info}", "",
         "| algorithm | local 1 thread | Ray 1 worker | Ray 2 workers | speed-up 1->2 | Ray overhead |"
         " start latency (1 / 2 workers) | peak RSS per worker MiB (1 / 2 workers) |",
