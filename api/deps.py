@@ -18,6 +18,7 @@ from service.errors import Forbidden, Unavailable
 from service.keys import Authenticator, Principal
 from service.manager import JobManager
 from service.metrics import ServiceMetrics
+from service.sweeps import SweepManager
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Services:
     session_factory: sessionmaker[Session]
     manager: JobManager
     adapter: Adapter
+    sweeps: SweepManager
     authenticator: Authenticator
     metrics: ServiceMetrics
 
@@ -50,6 +52,10 @@ def get_db(services: Annotated[Services, Depends(get_services)]) -> Iterator[Ses
 
 def get_manager(services: Annotated[Services, Depends(get_services)]) -> JobManager:
     return services.manager
+
+
+def get_sweep_manager(services: Annotated[Services, Depends(get_services)]) -> SweepManager:
+    return services.sweeps
 
 
 def get_adapter(services: Annotated[Services, Depends(get_services)]) -> Adapter:
@@ -80,6 +86,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_db)]
 ManagerDep = Annotated[JobManager, Depends(get_manager)]
+SweepManagerDep = Annotated[SweepManager, Depends(get_sweep_manager)]
 AdapterDep = Annotated[Adapter, Depends(get_adapter)]
 CurrentKey = Annotated[Principal, Depends(get_current_key)]
 AdminKey = Annotated[Principal, Depends(require_admin)]

@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds the FastAPI app; its lifespan opens the database, starts the
 training backend (an embedded or remote Ray cluster by default), the job manager (which recovers
-interrupted jobs) and the adaptation pool, and stops them in reverse order.
+interrupted jobs), the sweep manager (which resumes interrupted sweeps; sweeps always run on Ray
+Tune, started on first use) and the adaptation pool, and stops them in reverse order.
 
 Run it with ``uvicorn --factory api.main:create_app`` (settings from ``MAML_*`` variables).
 The ``backend`` hook starts the compute backend and returns the job runner; tests pass one that
@@ -29,6 +30,7 @@ from service.db import init_db, make_engine, make_session_factory
 from service.keys import Authenticator
 from service.manager import JobManager, RunFn
 from service.metrics import ServiceMetrics
+from service.sweeps import SweepManager
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
         run_fn = await run_in_threadpool(backend, settings)  # starting Ray takes seconds: off the loop
         manager = JobManager(settings=settings, session_factory=session_factory, run_fn=run_fn, metrics=metrics)
         adapter = Adapter(settings=settings, session_factory=session_factory, metrics=metrics)
+        sweep_manager = SweepManager(settings=settings, session_factory=session_factory)
 
         def jobs_by_status() -> dict[str, int]:
             with session_factory() as session:
@@ -66,15 +69,17 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
         metrics.watch(jobs_by_status=jobs_by_status, queue_depth=lambda: manager.queue_depth,
                       adapt_in_flight=lambda: adapter.in_flight)
         await run_in_threadpool(manager.start)
+        await run_in_threadpool(sweep_manager.start)
         app.state.services = Services(engine=engine, session_factory=session_factory, manager=manager,
-                                      adapter=adapter, authenticator=Authenticator(settings, session_factory),
-                                      metrics=metrics)
+                                      adapter=adapter, sweeps=sweep_manager,
+                                      authenticator=Authenticator(settings, session_factory), metrics=metrics)
         logger.info("maml-service ready: data in %s, database %s", settings.data_dir,
                     engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
             app.state.services = None
+            await run_in_threadpool(sweep_manager.stop)
             await run_in_threadpool(manager.stop)
             adapter.close()
             engine.dispose()
@@ -82,8 +87,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
     app = FastAPI(
         title="maml-service",
         version="0.1.0",
-        description="Meta-training jobs (MAML, first-order MAML, Reptile) on Ray, a model registry, "
-        "and adaptation queries. Authenticate with `Authorization: Bearer <key>`.",
+        description="Meta-training jobs (MAML, first-order MAML, Reptile) on Ray, hyperparameter sweeps on Ray "
+        "Tune, a model registry, and adaptation queries. Authenticate with `Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
     app.state.settings = settings

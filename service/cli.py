@@ -13,12 +13,13 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from service.client import ApiError, Client
 
-app = typer.Typer(help="maml-service: meta-training jobs, models and adaptation over REST.",
+app = typer.Typer(help="maml-service: meta-training jobs, sweeps, models and adaptation over REST.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
 Url = Annotated[str, typer.Option("--url", envvar="MAML_URL", help="the service's base URL")]
@@ -145,6 +146,93 @@ def cancel(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
         _fail(exc)
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else ""
+
+
+def _config(config: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={_number(v) or json.dumps(v, separators=(',', ':'))}" for k, v in config.items())
+
+
+def trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> Table:
+    """A sweep's trials: id, config, status, iteration, the sweep metric (last and best)."""
+    metric = sweep["spec"].get("metric") or "metric"
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    table = Table(title=f"sweep {sweep['id']} ({sweep['name']}): {sweep['status']}"
+                        + (f" - {summary}" if summary else ""))
+    table.add_column("trial", no_wrap=True)
+    table.add_column("config", overflow="fold")
+    table.add_column("status", overflow="fold")
+    for column in ("iteration", metric, "best"):
+        table.add_column(column, no_wrap=True)
+    best = (sweep.get("best") or {}).get("trial_id")
+    for t in trials:
+        trial_id = f"[bold]{t['trial_id']}[/bold] *" if t["trial_id"] == best else t["trial_id"]
+        status = t["status"] + (f" ({t['error']})" if t.get("error") else "")
+        table.add_row(trial_id, _config(t["config"]), status, f"{t['iteration']}/{t['total_iterations']}",
+                      _number(t.get("metric")), _number(t.get("best_metric")))
+    return table
+
+
+def watch_sweep(client: Client, sweep: dict[str, Any]) -> dict[str, Any]:
+    """Follow a sweep's events with a live table of its trials; returns the final sweep."""
+    final: dict[str, Any] = {}
+    current = dict(sweep)
+    with Live(trials_table(current, current.get("trials", [])), console=console, refresh_per_second=4) as live:
+        for event, data in client.sweep_events(sweep["id"]):
+            if event == "trials":
+                current["trials"] = data["trials"]
+            elif event == "status":
+                current.update(status=data["status"], error=data["error"], model_id=data["model_id"])
+            elif event == "end":
+                final = current = data
+            live.update(trials_table(current, current.get("trials", [])))
+    return final
+
+
+@app.command("sweep")
+def sweep_(spec: Path, watch_: Annotated[bool, typer.Option("--watch", help="follow to the end")] = False,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Submit a sweep spec (YAML or JSON): base, space, metric, mode, scheduler, num_samples."""
+    client = _client(url, key)
+    try:
+        sweep = client.submit_sweep(_read(spec))
+        console.print(f"submitted sweep [bold]{sweep['id']}[/bold] ({sweep['status']})")
+        if watch_:
+            sweep = watch_sweep(client, sweep)
+            best = sweep.get("best") or {}
+            console.print(f"sweep {sweep['id']}: [bold]{sweep['status']}[/bold]"
+                          + (f" best trial {best['trial_id']} ({_config(best['config'])})" if best else "")
+                          + (f" model {sweep['model_id']}" if sweep.get("model_id") else "")
+                          + (f" error: {sweep['error']}" if sweep.get("error") else ""))
+            if sweep["status"] != "succeeded":
+                raise typer.Exit(1)
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def sweeps(status: str | None = None, limit: int = 50, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """List sweeps, newest first."""
+    try:
+        page = _client(url, key).sweeps(status=status, limit=limit)
+    except ApiError as exc:
+        _fail(exc)
+    table = Table(title=f"{page['count']} sweeps")
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("name", "status", "trials", "best", "model"):
+        table.add_column(column)
+    for s in page["data"]:
+        counts = "  ".join(f"{n} {status}" for status, n in s["counts"].items())
+        best = s.get("best") or {}
+        table.add_row(s["id"], s["name"], s["status"], counts,
+                      f"{best['trial_id']} {_number(best.get('metric'))}" if best else "", s.get("model_id") or "")
+    console.print(table)
+
+
 @app.command()
 def models(url: Url = DEFAULT_URL, key: Key = None) -> None:
     """List registered models."""
@@ -154,12 +242,13 @@ def models(url: Url = DEFAULT_URL, key: Key = None) -> None:
         _fail(exc)
     table = Table(title=f"{page['count']} models")
     table.add_column("id", no_wrap=True, min_width=36)
-    for column in ("name", "kind", "input", "job", "meta-test"):
+    for column in ("name", "kind", "input", "source", "meta-test"):
         table.add_column(column)
     for m in page["data"]:
         ev = m["eval_metrics"]
         score = ev.get("eval/accuracy") if m["kind"] == "classification" else ev.get("eval/loss")
-        table.add_row(m["id"], m["name"], m["kind"], str(m["input_shape"]), m["job_id"],
+        source = f"job {m['job_id']}" if m.get("job_id") else f"sweep {m.get('sweep_id')}"
+        table.add_row(m["id"], m["name"], m["kind"], str(m["input_shape"]), source,
                       f"{score:.4g}" if score is not None else "")
     console.print(table)
 

@@ -72,9 +72,31 @@ class Client:
     def create_key(self, tenant: str, name: str = "key") -> dict[str, Any]:
         return self._call("POST", "/keys", json={"tenant": tenant, "name": name})
 
+    def submit_sweep(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/sweeps", json=spec)
+
+    def sweeps(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return self._call("GET", "/sweeps", params=params)
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/sweeps/{sweep_id}")
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/sweeps/{sweep_id}/cancel")
+
     def events(self, job_id: str) -> Iterator[tuple[str, Any]]:
         """Server-Sent Events of a job: (event, data) pairs until the job ends."""
-        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=None) as response:
+        return self._events(f"/jobs/{job_id}/events")
+
+    def sweep_events(self, sweep_id: str) -> Iterator[tuple[str, Any]]:
+        """Server-Sent Events of a sweep (status, trials, end): (event, data) pairs until it ends."""
+        return self._events(f"/sweeps/{sweep_id}/events")
+
+    def _events(self, path: str) -> Iterator[tuple[str, Any]]:
+        with self.http.stream("GET", path, timeout=None) as response:
             if response.status_code >= 400:
                 response.read()
                 raise ApiError(response.status_code, response.text)

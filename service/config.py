@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(1, ge=1, le=256, description="jobs trained at the same time")
     max_job_attempts: int = Field(
         3, ge=1, le=100, description="starts of one job (restarts included) before it is marked failed")
+    max_concurrent_sweeps: int = Field(
+        1, ge=1, le=64, description="sweeps run at the same time (their trials share the Ray cluster)")
+    max_sweep_attempts: int = Field(
+        3, ge=1, le=100, description="starts of one sweep (resumes after restarts included) before it is failed")
     report_every: int = Field(1, ge=1, description="iterations between progress reports from the trainer")
     metrics_flush_s: float = Field(
         0.5, ge=0, le=60, description="at most this often a running job's metrics are written to the database")

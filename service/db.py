@@ -1,4 +1,4 @@
-"""Persistence: SQLAlchemy 2 tables for jobs, metric series, models, adapted weights and API keys.
+"""Persistence: SQLAlchemy 2 tables for jobs, metric series, sweeps, models, adapted weights and API keys.
 
 SQLite (the default, a file under ``data_dir``) runs in WAL mode so the API reads while the job
 manager writes; any other ``DATABASE_URL`` (PostgreSQL) works unchanged. The engine is built by
@@ -20,13 +20,17 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     TypeDecorator,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from service.config import Settings
 
@@ -106,14 +110,49 @@ class JobMetric(Base):
     __table_args__ = (Index("ix_job_metrics_job_iteration", "job_id", "iteration"),)
 
 
+class Sweep(Base):
+    """A hyperparameter sweep: its spec (``workers.sweep.SweepSpec``) and the latest trial snapshot.
+
+    Tune's own state (what a resume restores from) lives in ``storage/sweeps/<id>/tune``.
+    """
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # JOB_STATUSES
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # workers.sweep.TrialInfo dumps
+    best_trial_id: Mapped[str | None] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(36))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts, resumes included
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_sweeps_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_sweeps_tenant_status_created", "tenant", "status", "created_at", "id"),
+        Index("ix_sweeps_status_created", "status", "created_at", "id"),
+        Index("ix_sweeps_created", "created_at", "id"),
+    )
+
+
 class Model(Base):
-    """A trained model in the registry: its spec, shapes and meta-test metrics; weights on disk."""
+    """A trained model in the registry: its spec, shapes and meta-test metrics; weights on disk.
+
+    Its source is the job that trained it (``job_id``) or the sweep whose best trial it is (``sweep_id``).
+    """
 
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64))
-    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id"))
+    job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"))
+    sweep_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("sweeps.id"))
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]]
     input_shape: Mapped[list[int]]
@@ -180,8 +219,64 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet."""
+    """Create the tables that do not exist yet, and bring older ones up to date."""
     Base.metadata.create_all(engine)
+    _upgrade_models(engine)
+
+
+def _upgrade_models(engine: Engine) -> None:
+    """A ``models`` table from before sweeps: add ``sweep_id`` and let ``job_id`` be null.
+
+    PostgreSQL alters the column in place. SQLite cannot drop a NOT NULL, so the table is rebuilt
+    (SQLite's documented procedure: new table, copy, drop, rename, with foreign keys off).
+    """
+    columns = {c["name"]: c for c in inspect(engine).get_columns("models")}
+    if "sweep_id" in columns and columns["job_id"]["nullable"]:
+        return
+    table = Model.__table__
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            if "sweep_id" not in columns:
+                conn.execute(text("ALTER TABLE models ADD COLUMN sweep_id VARCHAR(36) REFERENCES sweeps (id)"))
+            conn.execute(text("ALTER TABLE models ALTER COLUMN job_id DROP NOT NULL"))
+        return
+
+    scratch = MetaData()  # the tables models refers to, so its foreign keys compile
+    for referred in (Job.__table__, Sweep.__table__):
+        referred.to_metadata(scratch)  # type: ignore[attr-defined]
+    new = table.to_metadata(scratch, name="models_upgrade")  # type: ignore[attr-defined]
+    new.indexes.clear()  # the old table's index names are taken until it is dropped
+    kept = ", ".join(c for c in columns if c in table.c)
+    statements = [
+        str(CreateTable(new).compile(dialect=engine.dialect)),
+        f"INSERT INTO models_upgrade ({kept}) SELECT {kept} FROM models",
+        "DROP TABLE models",
+        "ALTER TABLE models_upgrade RENAME TO models",
+        *(str(CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes),  # type: ignore[attr-defined]
+    ]
+    raw = engine.raw_connection()
+    try:
+        driver = raw.driver_connection
+        assert driver is not None
+        driver.isolation_level = None  # explicit BEGIN/COMMIT: pysqlite would commit before each DDL
+        cursor = driver.cursor()
+        cursor.execute("PRAGMA foreign_keys=OFF")  # outside the transaction, or SQLite ignores it
+        try:
+            cursor.execute("BEGIN")
+            for statement in statements:
+                cursor.execute(statement)
+            problems = cursor.execute("PRAGMA foreign_key_check").fetchall()
+            if problems:
+                raise RuntimeError(f"upgrading the models table broke foreign keys: {problems}")
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            driver.isolation_level = ""
+    finally:
+        raw.close()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

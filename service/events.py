@@ -1,12 +1,20 @@
-"""Live job events for Server-Sent Events: progress, new metric points and status, until the job ends.
+"""Live events for Server-Sent Events, until the job or sweep ends.
 
-The stream polls the database (every ``poll_s``), so it shows the same truth as ``GET /jobs/{id}``
-whichever process runs the job. Each event is ``{"event": name, "data": json}``:
+The streams poll the database (every ``poll_s``), so they show the same truth as ``GET /jobs/{id}``
+and ``GET /sweeps/{id}`` whichever process runs the work. Each event is ``{"event": name, "data": json}``.
+
+A job's stream:
 
 * ``status``: ``{"status", "error", "model_id"}`` when the status changes (first event included);
 * ``progress``: ``{"iteration", "total", "eta_s"}`` when the iteration moves;
 * ``metrics``: ``{"iteration", "metrics"}`` for every new point of the series;
 * ``end``: the final job, after which the stream closes.
+
+A sweep's stream:
+
+* ``status``: ``{"status", "error", "model_id"}`` when the status changes (first event included);
+* ``trials``: ``{"trials", "counts"}`` (every trial, as in ``GET /sweeps/{id}``) when any trial changes;
+* ``end``: the final sweep, after which the stream closes.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobs
+from service import jobs, sweeps
 from service.db import TERMINAL_STATUSES
-from service.schemas import JobPublic, MetricPoint
+from service.schemas import JobPublic, MetricPoint, SweepPublic
 
 _POINTS_PER_POLL = 1000
 
@@ -61,3 +69,28 @@ async def job_events(session_factory: sessionmaker[Session], job_id: str, *,
             return
         if len(points) < _POINTS_PER_POLL:
             await asyncio.sleep(poll_s)
+
+
+def _sweep_snapshot(session_factory: sessionmaker[Session], sweep_id: str) -> SweepPublic:
+    with session_factory() as session:
+        return SweepPublic.from_row(sweeps.get_sweep(session=session, sweep_id=sweep_id, scope=None))
+
+
+async def sweep_events(session_factory: sessionmaker[Session], sweep_id: str, *,
+                       poll_s: float) -> AsyncIterator[dict[str, str]]:
+    """Events of one sweep (already checked to belong to the caller) until it ends."""
+    status: str | None = None
+    trials: list[dict[str, Any]] | None = None
+    while True:
+        sweep = await run_in_threadpool(_sweep_snapshot, session_factory, sweep_id)
+        now = [t.model_dump(mode="json") for t in sweep.trials]
+        if now != trials:
+            trials = now
+            yield _event("trials", {"trials": now, "counts": sweep.counts})
+        if sweep.status != status:
+            status = sweep.status
+            yield _event("status", {"status": status, "error": sweep.error, "model_id": sweep.model_id})
+        if sweep.status in TERMINAL_STATUSES:
+            yield _event("end", sweep.model_dump(mode="json"))
+            return
+        await asyncio.sleep(poll_s)

@@ -34,20 +34,30 @@ def adapted_dir(storage: Path) -> Path:
 
 
 def register_model(*, session: Session, job: Job, export_dir: Path, storage: Path) -> Model:
+    """Register the model a job exported (the caller commits); see :func:`register_export`."""
+    return register_export(session=session, tenant=job.tenant, name=job.name, export_dir=export_dir,
+                           storage=storage, job_id=job.id, default_iteration=job.total)
+
+
+def register_export(*, session: Session, tenant: str, name: str, export_dir: Path, storage: Path,
+                    job_id: str | None = None, sweep_id: str | None = None, default_iteration: int = 0) -> Model:
     """Copy an exported model into the registry and add its row (the caller commits).
 
-    Copied, not moved: the run folder stays whole, so a crash before the commit re-registers
-    the same export on the next start.
+    Its source is a job (``job_id``) or a sweep (``sweep_id``, for its best trial). Copied, not
+    moved: the run folder stays whole, so a crash before the commit re-registers the same export
+    on the next start.
     """
+    if (job_id is None) == (sweep_id is None):
+        raise ValueError("give exactly one source: job_id or sweep_id")
     info = json.loads((export_dir / INFO_FILE).read_text())
     model_id = new_id()
     target = models_dir(storage) / model_id
     tmp = target.with_name(f".tmp-{model_id}")
     shutil.copytree(export_dir, tmp)
     tmp.rename(target)  # atomic: a model folder is whole or absent
-    model = Model(id=model_id, tenant=job.tenant, job_id=job.id, name=job.name, spec=info["spec"],
+    model = Model(id=model_id, tenant=tenant, job_id=job_id, sweep_id=sweep_id, name=name, spec=info["spec"],
                   input_shape=[int(d) for d in info["input_shape"]], output_dim=int(info["output_dim"]),
-                  loss=info["loss"], iteration=int(info.get("iteration", job.total)),
+                  loss=info["loss"], iteration=int(info.get("iteration", default_iteration)),
                   eval_metrics=finite_metrics(info.get("eval_metrics") or {}), path=str(target))
     session.add(model)
     session.flush()

@@ -1,7 +1,7 @@
 """Public schemas of the API, by resource: ``XCreate`` (input), ``XPublic`` (output), ``XsPublic(data, count)``.
 
-``JobCreate`` *is* ``workers.spec.JobSpec``: the job specification has one definition, shared by the
-API, the CLI and the workers.
+``JobCreate`` *is* ``workers.spec.JobSpec`` and ``SweepCreate`` *is* ``workers.sweep.SweepSpec``: each
+specification has one definition, shared by the API, the CLI and the workers.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.db import ApiKey, Job, Model
+from service.db import ApiKey, Job, Model, Sweep
 from workers.spec import JobSpec
+from workers.sweep import SweepSpec, TrialStatus
 
 JobCreate = JobSpec
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+SweepCreate = SweepSpec
+SweepStatus = JobStatus
 MetricValue = float | None  # non-finite values (a NaN confidence interval) travel as null
 
 
@@ -90,6 +93,62 @@ class MetricsPublic(BaseModel):
     count: int
 
 
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+class TrialPublic(BaseModel):
+    """One trial of a sweep (``workers.sweep.TrialInfo`` without the server's paths)."""
+
+    trial_id: str
+    status: TrialStatus = Field(description="pending, running, paused, completed, stopped_early (by the "
+                                "scheduler), failed or cancelled")
+    config: dict[str, Any] = Field(description="the sampled value of each field path of the space")
+    iteration: int = Field(description="meta-iterations done at the last report")
+    total_iterations: int = Field(description="meta-iterations the trial runs if not stopped")
+    metric: MetricValue = Field(None, description="the sweep metric at the last report")
+    best_metric: MetricValue = Field(None, description="the best value of the sweep metric over its reports")
+    metrics: dict[str, MetricValue] = Field(default_factory=dict, description="the last report's metrics")
+    error: str | None = Field(None, description="why a failed trial failed")
+
+
+class SweepPublic(_Out):
+    id: str
+    name: str
+    tenant: str
+    status: SweepStatus = Field(description="succeeded: ended with a best trial, whose model is registered")
+    spec: SweepSpec
+    trials: list[TrialPublic] = Field(description="every trial so far, in creation order")
+    counts: dict[str, int] = Field(description="trials by status")
+    best: TrialPublic | None = Field(None, description="the completed trial with the best last metric")
+    model_id: str | None = Field(None, description="the best trial's registered model, when succeeded")
+    error: str | None = Field(None, description="the cause, when failed")
+    attempts: int = Field(description="times the sweep was started (a restart resumes it)")
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, sweep: Sweep) -> SweepPublic:
+        trials = [TrialPublic.model_validate(t) for t in sweep.trials or []]
+        counts: dict[str, int] = {}
+        for trial in trials:
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        best = next((t for t in trials if t.trial_id == sweep.best_trial_id), None)
+        return cls(
+            id=sweep.id, name=sweep.name, tenant=sweep.tenant, status=sweep.status,  # type: ignore[arg-type]
+            spec=SweepSpec.model_validate(sweep.spec), trials=trials, counts=counts, best=best,
+            model_id=sweep.model_id, error=sweep.error, attempts=sweep.attempts,
+            cancel_requested=sweep.cancel_requested, created_at=sweep.created_at, started_at=sweep.started_at,
+            finished_at=sweep.finished_at,
+        )
+
+
+class SweepsPublic(BaseModel):
+    data: list[SweepPublic]
+    count: int = Field(description="sweeps matching the filters, all pages together")
+
+
 # ------------------------------------------------------------------------------------------- models
 
 
@@ -97,7 +156,8 @@ class ModelPublic(_Out):
     id: str
     name: str
     tenant: str
-    job_id: str = Field(description="the job that trained it")
+    job_id: str | None = Field(None, description="the job that trained it (null for a sweep's model)")
+    sweep_id: str | None = Field(None, description="the sweep whose best trial it is (null for a job's model)")
     spec: JobSpec
     input_shape: list[int] = Field(description="one input without the batch dimension, e.g. [1] or [1, 28, 28]")
     output_dim: int = Field(description="regression outputs, or classes")
@@ -109,7 +169,7 @@ class ModelPublic(_Out):
 
     @classmethod
     def from_row(cls, model: Model) -> ModelPublic:
-        return cls(id=model.id, name=model.name, tenant=model.tenant, job_id=model.job_id,
+        return cls(id=model.id, name=model.name, tenant=model.tenant, job_id=model.job_id, sweep_id=model.sweep_id,
                    spec=JobSpec.model_validate(model.spec), input_shape=model.input_shape,
                    output_dim=model.output_dim, loss=model.loss,
                    kind="classification" if model.loss == "cross_entropy" else "regression",

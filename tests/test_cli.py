@@ -83,3 +83,44 @@ def test_cli_reports_the_field_of_a_bad_spec(server: str, tmp_path: Path) -> Non
     assert "inner.steps" in result.output
     result = runner.invoke(app, ["status", "no-such-job", "--url", server, "--key", ADMIN_TOKEN])
     assert result.exit_code == 1 and "404" in result.output
+
+
+def test_cli_sweeps_list_watch_and_a_bad_space(server: str, tmp_path: Path) -> None:
+    """Without Ray: a bad space is refused naming the field; a stored sweep is listed, and watching a
+    cancelled one draws its table to the end. (A sweep that runs: tests/test_api_sweeps.py.)"""
+    from service import sweeps as sweep_data
+    from service.cli import trials_table, watch_sweep
+    from service.client import Client
+    from service.db import make_engine, make_session_factory
+    from workers.sweep import SweepSpec
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": {"outer": {"iterations": 10}},
+                                   "space": {"inner.lr": {"uniform": [0.5, 0.1]}}}))
+    result = runner.invoke(app, ["sweep", str(bad), "--url", server, "--key", ADMIN_TOKEN])
+    assert result.exit_code == 1 and "space.inner.lr: low 0.5 above high 0.1" in result.output
+
+    engine = make_engine(make_settings(tmp_path))  # the server's database
+    with make_session_factory(engine)() as session:
+        spec = SweepSpec.model_validate({"name": "cs", "base": {"outer": {"iterations": 10}},
+                                         "space": {"inner.lr": {"grid": [0.01, 0.1]}}})
+        sweep_id = sweep_data.create_sweep(session=session, tenant="admin", spec=spec).id
+    engine.dispose()
+    out = _cli("sweeps", url=server, key=ADMIN_TOKEN)
+    assert sweep_id in out and " cs " in out and "queued" in out
+
+    client = Client(server, ADMIN_TOKEN)
+    sweep = client.cancel_sweep(sweep_id)
+    final = watch_sweep(client, sweep)
+    client.close()
+    assert final["status"] == "cancelled"
+    # The live table, with trials as the events carry them.
+    trial = {"trial_id": "t1", "status": "stopped_early", "config": {"inner.lr": 0.01}, "iteration": 4,
+             "total_iterations": 10, "metric": 0.5, "best_metric": 0.25, "error": None}
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(trials_table({**final, "best": None}, [trial]))
+    text = console.export_text()
+    assert "t1" in text and "inner.lr=0.01" in text and "stopped_early" in text and "4/10" in text
+    assert "eval/loss" in text and "0.25" in text

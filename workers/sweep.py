@@ -71,6 +71,7 @@ __all__ = [
     "Domain",
     "SchedulerSpec",
     "SweepError",
+    "SweepInterrupted",
     "SweepResult",
     "SweepSpec",
     "TrialInfo",
@@ -94,6 +95,19 @@ _POLL_S = 0.5  # how often should_stop() is asked
 
 class SweepError(RuntimeError):
     """A sweep could not run (bad storage state, Tune failure); trial failures are not raised."""
+
+
+class SweepInterrupted(SweepError):
+    """``should_interrupt()`` turned true: the sweep stopped as a crash would, minus the crash.
+
+    Tune's experiment state is left as its last checkpoint saved it (unfinished trials still
+    unfinished, unlike a cancel, which ends them), and the trials' actors are stopped; a later
+    ``run_sweep(..., resume=True)`` on the same folder continues it. A service's clean shutdown.
+    """
+
+
+class _Interrupt(Exception):
+    """Raised inside Tune's loop (from a callback) to leave it through Tune's own clean-up."""
 
 
 class _Spec(BaseModel):
@@ -503,6 +517,8 @@ class _Hooks:
     statuses: tuple = ()
     trials: list = field(default_factory=list)  # Tune's Trial objects, as last seen
     polled_at: float = float("-inf")
+    should_interrupt: Callable[[], bool] | None = None
+    interrupted: bool = False
 
 
 _LIVE: dict[str, _Hooks] = {}
@@ -560,8 +576,14 @@ def _tune_classes() -> tuple[type, type]:
 def _on_event(key: str, event: str, trials: list, trial: Any) -> None:
     """Tune's trial events -> ``on_trial_update(list[TrialInfo])`` when anything changed."""
     hooks = _hooks(key)
-    if hooks is None:
-        return
+    if hooks is None or hooks.interrupted:
+        return  # after an interrupt, Tune's clean-up ends trials that the resumed sweep continues
+    if event == "step" and hooks.should_interrupt is not None and _ask(hooks.should_interrupt, "should_interrupt"):
+        # Raised at the end of Tune's step, after its experiment checkpoint: ``tune.run`` cleans up
+        # the trials' actors and re-raises, without the final checkpoint that would mark them ended.
+        hooks.interrupted = True
+        logger.info("sweep %s: interrupted; resume=True continues it", hooks.sweep.name)
+        raise _Interrupt(f"sweep {hooks.sweep.name} interrupted")
     now = time.monotonic()
     if event == "start":
         hooks.started[trial.trial_id] = now
@@ -606,6 +628,14 @@ def _stop_all(key: str) -> bool:
         hooks.live_at_cancel = {tid for tid, status in hooks.statuses if status in ("PENDING", "RUNNING", "PAUSED")}
         logger.info("sweep %s: cancelled", hooks.sweep.name)
     return stop
+
+
+def _ask(fn: Callable[[], bool], name: str) -> bool:
+    try:
+        return bool(fn())
+    except Exception:
+        logger.exception("%s failed; the sweep goes on", name)
+        return False
 
 
 def _trial_error(trial: Any) -> str:
@@ -743,6 +773,7 @@ def run_sweep(
     resume: bool = False,
     launch: Literal["auto", "in_process", "distributed"] = "auto",
     reuse_actors: bool = True,
+    should_interrupt: Callable[[], bool] | None = None,
 ) -> SweepResult:
     """Run ``sweep`` on Ray Tune to its end and return every trial and the best one.
 
@@ -753,6 +784,8 @@ def run_sweep(
     ``storage_dir/tune``; with ``resume=True`` a sweep interrupted there (a service restart) is
     restored: unfinished and errored trials continue from their last report's checkpoint,
     finished ones are kept. ``storage_dir`` must be on storage every Ray node sees.
+    ``should_interrupt()`` (asked at every step of Tune's loop: keep it cheap) stops the sweep
+    resumably and raises ``SweepInterrupted``: what a service does on shutdown.
     """
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -778,7 +811,8 @@ def run_sweep(
             allowed_modules=list(allowed_modules) if allowed_modules is not None else None),
         _resources(base, launch))
     param_space = _param_space(sweep)
-    hooks = _Hooks(sweep=sweep, on_trial_update=on_trial_update, should_stop=should_stop, path=experiment)
+    hooks = _Hooks(sweep=sweep, on_trial_update=on_trial_update, should_stop=should_stop, path=experiment,
+                   should_interrupt=should_interrupt)
     with _LIVE_LOCK:
         if key in _LIVE or any(h.path == experiment for h in _LIVE.values()):
             raise SweepError(f"a sweep is already running in {storage_dir}")
@@ -820,6 +854,8 @@ def run_sweep(
         try:
             grid = tuner.fit()
         except Exception as exc:
+            if hooks.interrupted:
+                raise SweepInterrupted(f"sweep {sweep.name} was interrupted; resume=True continues it") from exc
             raise SweepError(f"sweep {sweep.name} failed: {type(exc).__name__}: {exc}") from exc
         if grid.num_errors:
             logger.warning("sweep %s: %d trial(s) failed", sweep.name, grid.num_errors)

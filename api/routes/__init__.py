@@ -2,10 +2,11 @@
 
 from fastapi import APIRouter
 
-from api.routes import adapted, health, jobs, keys, models
+from api.routes import adapted, health, jobs, keys, models, sweeps
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
+api_router.include_router(sweeps.router)
 api_router.include_router(models.router)
 api_router.include_router(adapted.router)
 api_router.include_router(keys.router)
