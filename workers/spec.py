@@ -69,14 +69,37 @@ class ImageFolderTask(_Spec):
     channels: Literal[1, 3] = Field(3, description="1 for grey, 3 for RGB")
 
 
-TaskSpec = Annotated[SinusoidTask | OmniglotTask | ImageFolderTask, Field(discriminator="family")]
+RL_FAMILIES = ("nav2d", "halfcheetah_vel", "halfcheetah_dir")
+
+
+class RLTask(_Spec):
+    family: Literal["nav2d", "halfcheetah_vel", "halfcheetah_dir"] = Field(
+        description="meta-RL: nav2d (2D point navigation to a goal in [-0.5, 0.5]^2), halfcheetah_vel "
+        "(target velocity in [0, 2]) or halfcheetah_dir (forward/backward), the latter two on MuJoCo")
+    rollouts: int = Field(20, ge=1, le=200, description="K: rollouts per task for each adaptation step")
+    horizon: int | None = Field(None, ge=1, le=1000, description="episode length (default: 100 for nav2d, "
+                                "200 for half-cheetah)")
+    reward: Literal["squared", "distance"] = Field(
+        "squared", description="nav2d reward: minus the squared distance to the goal (the paper's text) or "
+        "minus the distance (the authors' code)")
+    gamma: float = Field(0.99, gt=0, le=1, description="discount factor")
+
+    @model_validator(mode="after")
+    def _reward(self) -> RLTask:
+        if self.family != "nav2d" and self.reward != "squared":
+            raise ValueError("reward: only nav2d has a reward variant")
+        return self
+
+
+TaskSpec = Annotated[SinusoidTask | OmniglotTask | ImageFolderTask | RLTask, Field(discriminator="family")]
 
 
 class ModelSpec(_Spec):
     name: Literal["mlp", "conv4"] | None = Field(
         None, description="a built-in model: mlp (the paper's 1-40-40-1 ReLU MLP) or conv4")
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [40, 40], max_length=16, description="mlp: hidden layer widths")
+        default_factory=lambda: [40, 40], max_length=16,
+        description="mlp: hidden layer widths (default 40-40; 100-100 for an RL policy)")
     filters: int | None = Field(
         None, ge=1, le=512, description="conv4: filters per layer (default 64 for grey, 32 for RGB)")
     factory: str | None = Field(
@@ -101,11 +124,17 @@ class InnerSpec(_Spec):
 
 
 class OuterSpec(_Spec):
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="meta-optimizer")
+    optimizer: Literal["adam", "sgd", "trpo"] = Field(
+        "adam", description="meta-optimizer; trpo (RL task families only, their default)")
     lr: float = Field(0.001, gt=0, le=100, description="meta learning rate (reptile: outer step size)")
     meta_batch_size: int = Field(25, ge=1, le=10_000, description="tasks per meta-iteration")
     iterations: int = Field(2000, ge=1, le=10_000_000, description="meta-iterations")
     anneal: bool = Field(False, description="anneal the meta learning rate linearly to 0 (Reptile)")
+    max_kl: float = Field(0.01, gt=0, le=10, description="trpo: KL bound between old and new adapted policies")
+    cg_iters: int = Field(10, ge=1, le=100, description="trpo: conjugate gradient iterations")
+    cg_damping: float = Field(1e-5, ge=0, le=10, description="trpo: damping of the Fisher-vector product")
+    backtrack_ratio: float = Field(0.8, gt=0, lt=1, description="trpo: line search shrink factor")
+    max_backtracks: int = Field(15, ge=1, le=100, description="trpo: line search steps before rejecting")
 
 
 class EvalSpec(_Spec):
@@ -143,6 +172,10 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.task.family in RL_FAMILIES:
+            self._resolve_rl_defaults()
+        elif self.outer.optimizer == "trpo":
+            raise ValueError(f"outer.optimizer: trpo is only for RL task families ({', '.join(RL_FAMILIES)})")
         if self.inner.optimizer == "adam" and self.algorithm != "reptile":
             raise ValueError("inner.optimizer: adam is only supported with algorithm 'reptile'")
         if self.inner.batch_size is not None and self.algorithm != "reptile":
@@ -153,6 +186,37 @@ class JobSpec(_Spec):
             raise ValueError("model.hidden: must not be empty")
         return self
 
+    def _resolve_rl_defaults(self) -> None:
+        """RL takes the paper's own defaults where the spec left a field out (written into the spec,
+        so a stored spec reads back the same): TRPO, alpha = 0.1, meta-batch 20 (nav2d) or 40
+        (half-cheetah), a 100-100 policy, 3 adaptation steps at evaluation on 40 goals."""
+        if self.algorithm == "reptile":
+            raise ValueError("algorithm: reptile is not supported for RL task families (use maml or fomaml)")
+        if self.model.name != "mlp":
+            raise ValueError("model.name: RL task families use the Gaussian MLP policy: {'name': 'mlp'}")
+        if self.outer.optimizer == "sgd":
+            raise ValueError("outer.optimizer: RL task families take trpo or adam")
+        if self.inner.steps > 10:
+            raise ValueError("inner.steps: at most 10 policy-gradient steps for RL task families")
+        defaults: list[tuple[_Spec, dict[str, Any]]] = [
+            (self.outer, {"optimizer": "trpo", "meta_batch_size": 20 if self.task.family == "nav2d" else 40}),
+            (self.inner, {"lr": 0.1}),
+            (self.model, {"hidden": [100, 100]}),
+            (self.eval, {"steps": 3, "tasks": 40, "every": 50}),
+        ]
+        for section, values in defaults:
+            for field, value in values.items():
+                if field not in section.model_fields_set:
+                    setattr(section, field, value)
+        if self.eval.steps > 10:
+            raise ValueError("eval.steps: at most 10 adaptation steps for RL task families")
+        if self.eval.tasks > 1000:
+            raise ValueError("eval.tasks: at most 1000 goals for RL task families")
+
     @property
     def is_classification(self) -> bool:
-        return self.task.family != "sinusoid"
+        return self.task.family not in ("sinusoid", *RL_FAMILIES)
+
+    @property
+    def is_rl(self) -> bool:
+        return self.task.family in RL_FAMILIES
