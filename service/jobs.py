@@ -19,7 +19,9 @@ from service.db import JOB_STATUSES, TERMINAL_STATUSES, Job, JobMetric, utcnow
 from service.errors import Conflict, InvalidInput, NotFound
 from service.schemas import finite_metrics
 from workers.models import ModelError, build_model
-from workers.spec import JobSpec
+from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
+from workers.tasks import DatasetError
+from workers.training import build
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +61,34 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     """Apply the server's policy to a valid spec; returns it with ``task.path`` made absolute.
 
     Raises InvalidInput naming the field: a model factory outside the allow-list (it is not even
-    imported), a factory that refuses its kwargs, a dataset path outside the data roots.
+    imported), a factory that refuses its kwargs, a dataset path outside the data roots, a dataset
+    that cannot give the tasks asked for (more ways than classes, fewer images than shots plus
+    queries), a model that does not fit the task's inputs. The task family and the model are built
+    once here, so such a job is refused at submission instead of failing later.
     """
     spec = spec.model_copy(deep=True)
     if spec.model.factory is not None:
         try:
-            # A factory model takes no shapes from us; building it once checks the import and kwargs.
+            # Checks the allow-list before anything is imported, then the import and the kwargs.
             build_model(spec.model, input_shape=(1,), output_dim=1, allowed_modules=settings.model_allowlist)
         except ModelError as exc:
             raise _field_error(exc, "model.factory") from exc
         except Exception as exc:  # the user's factory failed: still the request's fault
             raise InvalidInput("model.factory", f"{spec.model.factory} failed: {type(exc).__name__}: {exc}") from exc
     task = spec.task
-    if task.family != "sinusoid":
+    if isinstance(task, OmniglotTask | ImageFolderTask):
         if task.path is not None:
             task.path = str(resolve_data_path(task.path, settings.allowed_data_roots))
         elif settings.data_root is None:
             raise InvalidInput("task.path", "required: the server has no default data root (MAML_DATA_ROOT)")
+    if not spec.is_rl:
+        try:
+            build(spec, data_root=settings.data_root, cache_dir=settings.cache_path,
+                  allowed_modules=settings.model_allowlist)
+        except DatasetError as exc:
+            raise InvalidInput(exc.field, exc.detail) from exc
+        except ModelError as exc:
+            raise _field_error(exc, "model") from exc
     return spec
 
 

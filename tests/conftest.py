@@ -103,3 +103,17 @@ def submit(client: TestClient, headers: dict[str, str], **changes: Any) -> dict:
     r = client.post("/api/v1/jobs", json=body, headers=headers)
     assert r.status_code == 201, r.text
     return r.json()
+
+
+def make_image_folder(root: Path, *, classes: int = 10, images: int = 3) -> Path:
+    """A class-folder dataset of tiny random RGB PNGs (10 classes give every split at least 2)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(images):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

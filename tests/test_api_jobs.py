@@ -8,7 +8,7 @@ import math
 import time
 
 import numpy as np
-from conftest import SMALL_SINE, make_app, make_settings, submit, wait_for_job
+from conftest import SMALL_SINE, make_app, make_image_folder, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
@@ -171,19 +171,26 @@ def test_bad_specs_answer_422_naming_the_field(client: TestClient, admin_headers
     ok = post({**SMALL_SINE, "model": {"factory": "user_models:make_model", "kwargs": {"width": 4}},
                "outer": {"iterations": 2, "meta_batch_size": 2}})
     assert ok.status_code == 201, ok.text
+    # The dataset is opened at submission: an empty folder or too many ways is refused now, not later.
     (settings.data_roots[0] / "folder").mkdir()
-    r = post({"task": {**outside, "path": "folder"}, "model": {"name": "conv4"}})
+    assert _error_locs(post({"task": {**outside, "path": "folder"}, "model": {"name": "conv4"}})) == [
+        ["body", "task", "path"]]
+    make_image_folder(settings.data_roots[0] / "folder", classes=10, images=3)
+    assert _error_locs(post({"task": {**outside, "path": "folder", "ways": 6}, "model": {"name": "conv4"}})) == [
+        ["body", "task", "ways"]]
+    assert _error_locs(post({"task": {**outside, "path": "folder", "shots": 2, "queries": 2},
+                             "model": {"name": "conv4"}})) == [["body", "task", "shots"]]
+    r = post({"task": {**outside, "path": "folder", "image_size": 16}, "model": {"name": "conv4"}})
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["task"]["path"] == str((settings.data_roots[0] / "folder").resolve())
 
 
 def test_failed_job_keeps_its_cause(client: TestClient, admin_headers, settings) -> None:
-    (settings.data_roots[0] / "empty").mkdir()
-    job = submit(client, admin_headers, task={"family": "image_folder", "path": "empty", "ways": 2, "shots": 1,
-                                              "queries": 1, "image_size": 16}, model={"name": "conv4"})
+    # A model whose outputs turn NaN after 100 forward passes: the job diverges while training.
+    job = submit(client, admin_headers, model={"factory": "user_models:make_countdown", "kwargs": {"calls": 100}})
     done = wait_for_job(client, job["id"], admin_headers)
     assert done["status"] == "failed" and done["model_id"] is None
-    assert done["error"] and ":" in done["error"]  # "<ExceptionType>: <message>"
+    assert done["error"].startswith("TrainingError: non-finite loss at iteration ")
 
 
 def test_keys_auth_and_tenant_isolation(client: TestClient, admin_headers, tenant_key) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_TOKEN, TERMINAL, make_app, make_settings
+from conftest import ADMIN_TOKEN, TERMINAL, make_app, make_image_folder, make_settings
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, event, inspect
 
@@ -71,6 +71,8 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 def test_bad_sweeps_answer_422_naming_the_field(client: TestClient, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
+    make_image_folder(tmp_path / "datasets" / "imgs")
+    images = {"family": "image_folder", "path": "imgs", "ways": 2, "shots": 1, "queries": 1, "image_size": 16}
     cases: list[tuple[dict[str, Any], str, str]] = [
         # (body, a piece of the error's location, a piece of its message)
         (with_changes(space={}), "space", "must not be empty"),
@@ -92,10 +94,10 @@ def test_bad_sweeps_answer_422_naming_the_field(client: TestClient, tmp_path: Pa
         (with_changes(base={"model": {"factory": "os:getcwd"}}), "base.model.factory", "allow"),
         (with_changes(space={"model": {"choice": [{"name": "mlp"}, {"factory": "os:getcwd"}]}}), "space.model",
          '"factory": "os:getcwd"} is refused: model.factory'),
-        (with_changes(base={"task": {"family": "omniglot", "path": str(outside)}}), "base.task.path",
-         "outside the configured data roots"),
-        (with_changes(base={"task": {"family": "omniglot", "path": "."}},
-                      space={"task.path": {"choice": [".", str(outside)]}}), "space.task.path",
+        (with_changes(base={"task": {**images, "path": str(outside)}, "model": {"name": "conv4"}}),
+         "base.task.path", "outside the configured data roots"),
+        (with_changes(base={"task": images, "model": {"name": "conv4"}},
+                      space={"task.path": {"choice": ["imgs", str(outside)]}}), "space.task.path",
          "is refused: task.path: '" + str(outside) + "' is outside the configured data roots"),
     ]
     for body, where, message in cases:
@@ -109,15 +111,17 @@ def test_bad_sweeps_answer_422_naming_the_field(client: TestClient, tmp_path: Pa
 
 def test_the_policy_makes_dataset_paths_absolute_in_the_base_and_the_space(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)  # data root: tmp_path/datasets
-    (tmp_path / "datasets" / "a").mkdir()
+    make_image_folder(tmp_path / "datasets" / "a")
+    make_image_folder(tmp_path / "datasets" / "b")
     sweep = SweepSpec.model_validate({
-        "base": {"task": {"family": "omniglot", "path": "a"}, "outer": {"iterations": 4}},
-        "space": {"task.path": {"grid": ["a", "."]}, "inner.lr": {"uniform": [0.01, 0.1]}},
+        "base": {"task": {"family": "image_folder", "path": "a", "ways": 2, "shots": 1, "queries": 1,
+                          "image_size": 16}, "model": {"name": "conv4"}, "outer": {"iterations": 4}},
+        "space": {"task.path": {"grid": ["a", "b"]}, "inner.lr": {"uniform": [0.01, 0.1]}},
         "scheduler": {"type": "none"}})
     checked = sweeps.check_sweep(sweep, settings)
     root = (tmp_path / "datasets").resolve()
     assert checked.base.task.path == str(root / "a")  # type: ignore[union-attr]
-    assert checked.space["task.path"].grid == [str(root / "a"), str(root)]
+    assert checked.space["task.path"].grid == [str(root / "a"), str(root / "b")]
     assert checked.space["inner.lr"] == sweep.space["inner.lr"] and checked.metric == "eval/accuracy"
 
 
