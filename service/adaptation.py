@@ -86,8 +86,23 @@ class LoadedModel:
         return module
 
 
-def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel:
+@dataclass
+class LoadedPolicy:
+    """A registry RL policy ready to adapt: its training config, module and parameters."""
+
+    id: str
+    tenant: str
+    spec: JobSpec
+    path: Path
+
+
+_RL_TASK_KEYS = {"nav2d": "goal", "halfcheetah_vel": "velocity", "halfcheetah_dir": "direction"}
+
+
+def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel | LoadedPolicy:
     spec = JobSpec.model_validate(row.spec)
+    if spec.is_rl:
+        return LoadedPolicy(id=row.id, tenant=row.tenant, spec=spec, path=registry.weights_path(row).parent)
     dtype = torch_dtype(spec)
     try:
         module = build_model(spec.model, input_shape=tuple(row.input_shape), output_dim=row.output_dim,
@@ -254,7 +269,7 @@ class Adapter:
         threads = intra_op_threads(settings.adapt_max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
                                         initializer=torch.set_num_threads, initargs=(threads,))
-        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cache: OrderedDict[str, LoadedModel | LoadedPolicy] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._in_flight = 0
         self._admission = threading.Lock()
@@ -295,7 +310,7 @@ class Adapter:
         finally:
             self.metrics.adapt_latency.observe(time.perf_counter() - start)
 
-    def model(self, model_id: str, scope: str | None) -> LoadedModel:
+    def model(self, model_id: str, scope: str | None) -> LoadedModel | LoadedPolicy:
         """The loaded model (cached, least recently used evicted), or NotFound for another tenant."""
         with self._cache_lock:
             loaded = self._cache.get(model_id)
@@ -316,8 +331,14 @@ class Adapter:
     def adapt_sync(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
         settings = self.settings
         model = self.model(model_id, principal.scope)
+        if isinstance(model, LoadedPolicy):
+            return self._adapt_policy(model, request)
         spec = model.spec
         support, query = request.support, request.query
+        if support is None:
+            raise InvalidInput("support", "required: the K labelled examples to adapt to")
+        if request.task is not None:
+            raise InvalidInput("task", "only RL policies take a task; this model adapts to a support set")
         if len(support.x) > settings.adapt_max_support:
             raise InvalidInput("support.x", f"{len(support.x)} items; at most {settings.adapt_max_support}")
         if len(query.x) > settings.adapt_max_query:
@@ -356,6 +377,31 @@ class Adapter:
         return AdaptResponse(model_id=model.id, kind="classification" if model.classification else "regression",
                              predictions=predictions, probabilities=probabilities, support_loss_before=before,
                              support_loss_after=after, steps=steps, lr=lr, adapted_id=adapted_id)
+
+    def _adapt_policy(self, model: LoadedPolicy, request: AdaptRequest) -> AdaptResponse:
+        """RL: collect K rollouts of the requested task on the server, adapt, report the returns."""
+        from workers.rl.adapt import adapt_exported
+
+        family = model.spec.task.family
+        key = _RL_TASK_KEYS[family]
+        if request.support is not None or request.query.x:
+            raise InvalidInput("support", f"an RL policy adapts to a task: give {{'task': {{'{key}': ...}}}}")
+        if request.task is None or set(request.task) != {key}:
+            raise InvalidInput("task", f"{family} policies take {{'{key}': ...}}")
+        if request.return_weights:
+            raise InvalidInput("return_weights", "not available for RL policies")
+        try:
+            result = adapt_exported(model.path, request.task[key], rollouts=request.rollouts, steps=request.steps,
+                                    lr=request.lr, horizon=request.horizon)
+        except ValueError as exc:  # its message starts with the field: "task.goal: ... is outside ..."
+            field_name, _, reason = str(exc).partition(": ")
+            raise InvalidInput(field_name if reason else "task", reason or str(exc)) from None
+        if not all(np.isfinite(r) for r in result.returns):
+            raise InvalidInput("lr", "adaptation diverged (non-finite returns); use a smaller lr")
+        rl = model.spec.inner
+        return AdaptResponse(model_id=model.id, kind="rl_policy", return_before=result.return_before,
+                             return_after=result.return_after, returns=result.returns,
+                             steps=len(result.returns) - 1, lr=request.lr or rl.lr)
 
     def _store(self, model: LoadedModel, principal: Principal, adapted: Params, steps: int, lr: float) -> str:
         adapted_id = new_id()

@@ -17,6 +17,7 @@ from workers.spec import JobSpec
 from workers.sweep import SweepSpec, TrialStatus
 
 JobCreate = JobSpec
+ModelKind = Literal["regression", "classification", "rl_policy"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 SweepCreate = SweepSpec
 SweepStatus = JobStatus
@@ -162,7 +163,7 @@ class ModelPublic(_Out):
     input_shape: list[int] = Field(description="one input without the batch dimension, e.g. [1] or [1, 28, 28]")
     output_dim: int = Field(description="regression outputs, or classes")
     loss: str
-    kind: Literal["regression", "classification"]
+    kind: ModelKind
     iteration: int
     eval_metrics: dict[str, MetricValue] = Field(description="meta-test metrics at the end of training")
     created_at: datetime
@@ -172,7 +173,7 @@ class ModelPublic(_Out):
         return cls(id=model.id, name=model.name, tenant=model.tenant, job_id=model.job_id, sweep_id=model.sweep_id,
                    spec=JobSpec.model_validate(model.spec), input_shape=model.input_shape,
                    output_dim=model.output_dim, loss=model.loss,
-                   kind="classification" if model.loss == "cross_entropy" else "regression",
+                   kind=model_kind(model.loss),
                    iteration=model.iteration, eval_metrics=model.eval_metrics or {},
                    created_at=model.created_at)
 
@@ -180,6 +181,15 @@ class ModelPublic(_Out):
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     count: int
+
+
+RL_LOSS = "policy_gradient"  # the registry's ``loss`` of an RL policy
+
+
+def model_kind(loss: str) -> ModelKind:
+    if loss == RL_LOSS:
+        return "rl_policy"
+    return "classification" if loss == "cross_entropy" else "regression"
 
 
 class SupportSet(_In):
@@ -194,22 +204,33 @@ class QuerySet(_In):
 
 
 class AdaptRequest(_In):
-    support: SupportSet
+    support: SupportSet | None = Field(None, description="supervised models: the K labelled examples")
     query: QuerySet = Field(default_factory=QuerySet)
+    task: dict[str, Any] | None = Field(
+        None, description='RL policies: the new task, {"goal": [x, y]} (nav2d), {"velocity": v} '
+        '(halfcheetah_vel) or {"direction": 1 | -1} (halfcheetah_dir); the server collects the rollouts')
+    rollouts: int | None = Field(None, ge=1, le=200, description="RL policies: K rollouts per adaptation step "
+                                 "(default: the training value)")
+    horizon: int | None = Field(None, ge=1, le=1000, description="RL policies: episode length (default: the "
+                                "training value)")
     steps: int | None = Field(None, ge=0, le=100_000, description="adaptation steps (default: the model's "
-                              "eval.steps)")
+                              "eval.steps; RL: its inner.steps)")
     lr: float | None = Field(None, gt=0, le=100, description="adaptation learning rate (default: inner.lr)")
     return_weights: bool = Field(False, description="store the adapted weights and return their id")
 
 
 class AdaptResponse(BaseModel):
     model_id: str
-    kind: Literal["regression", "classification"]
+    kind: ModelKind
     predictions: list[list[float]] | list[int] = Field(
+        default_factory=list,
         description="regression: one array of output_dim values per query item; classification: class indices")
     probabilities: list[list[float]] | None = Field(None, description="classification: softmax per query item")
-    support_loss_before: float
-    support_loss_after: float
+    support_loss_before: float | None = Field(None, description="supervised: the support loss before adapting")
+    support_loss_after: float | None = Field(None, description="supervised: the support loss after adapting")
+    return_before: float | None = Field(None, description="RL: average return of K rollouts before adapting")
+    return_after: float | None = Field(None, description="RL: average return after the adaptation steps")
+    returns: list[float] | None = Field(None, description="RL: average return after 0, 1, ..., steps updates")
     steps: int
     lr: float
     adapted_id: str | None = Field(None, description="with return_weights: GET /adapted/{id}/weights")

@@ -234,3 +234,28 @@ def test_image_folder_job_trains_and_adapts_on_uploaded_images(tmp_path) -> None
         truncated = base64.b64encode(files[0].read_bytes()[:200]).decode()
         assert loc_of(adapt(client, model["id"], headers, support={"x": [truncated, uploads[1]], "y": [0, 1]},
                             query={"x": []})) == ["body", "support", "x", 0]
+
+
+def test_rl_policy_trains_registers_and_adapts_to_a_goal(client: TestClient, admin_headers) -> None:
+    """A nav2d job through the API; the registered policy adapts to a new goal on the server."""
+    job = submit(client, admin_headers, task={"family": "nav2d", "rollouts": 4, "horizon": 20},
+                 outer={"iterations": 2, "meta_batch_size": 2}, eval={"every": 2, "tasks": 2, "steps": 1},
+                 model={"name": "mlp"}, inner={"steps": 1})
+    done = wait_for_job(client, job["id"], admin_headers, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    model = client.get(f"/api/v1/models/{done['model_id']}", headers=admin_headers).json()
+    assert model["kind"] == "rl_policy" and model["input_shape"] == [2]
+    url = f"/api/v1/models/{done['model_id']}/adapt"
+    r = client.post(url, json={"task": {"goal": [0.3, -0.2]}, "steps": 2, "rollouts": 4}, headers=admin_headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["kind"] == "rl_policy" and len(body["returns"]) == 3
+    assert body["return_before"] == body["returns"][0] and body["return_after"] == body["returns"][-1]
+    # A goal outside the task space, a wrong task key, a supervised body, too many rollouts: 422 naming it.
+    for bad, field in [({"task": {"goal": [0.9, 0.0]}}, "task.goal"), ({"task": {"velocity": 1.0}}, "task"),
+                       ({"support": {"x": [[0.0]], "y": [[0.0]]}}, "support"),
+                       ({"task": {"goal": [0.1, 0.1]}, "rollouts": 500}, "rollouts"),
+                       ({"task": {"goal": [0.1, 0.1]}, "horizon": 5000}, "horizon")]:
+        r = client.post(url, json=bad, headers=admin_headers)
+        assert r.status_code == 422, (bad, r.text)
+        assert field in [".".join(map(str, e["loc"][1:])) for e in r.json()["detail"]], (bad, r.text)

@@ -188,11 +188,14 @@ def run_training(
     """
     ensure_ray()
     if spec.is_rl:  # meta-RL: rollouts on Ray workers, TRPO in the driver (workers/rl)
-        from workers.rl.config import from_job_spec
+        from workers.rl.config import describe_export, from_job_spec
         from workers.rl.trainer import run_rl_training
 
-        return run_rl_training(from_job_spec(spec), run_dir=run_dir, reporter=reporter, should_stop=should_stop,
-                               use_ray=True, report_every=report_every, max_restarts=max_restarts)
+        result = run_rl_training(from_job_spec(spec), run_dir=run_dir, reporter=reporter, should_stop=should_stop,
+                                 use_ray=True, report_every=report_every, max_restarts=max_restarts)
+        if result.model_dir is not None:
+            describe_export(Path(result.model_dir), spec)
+        return result
     restarts = 0
     while True:
         executors: list[RayExecutor] = []

@@ -8,6 +8,8 @@ for nav2d; 200 and 40 for half-cheetah).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -109,3 +111,12 @@ def from_job_spec(spec: JobSpec) -> RLConfig:
         checkpoint_keep=spec.checkpoint.keep, workers=res.workers, cpus_per_worker=res.cpus_per_worker,
         threads_per_worker=res.threads_per_worker, seed=spec.seed, dtype=spec.dtype,
     )
+
+
+def describe_export(model_dir: Path, spec: JobSpec) -> None:
+    """Add to an exported policy what the model registry reads of every model (spec, shapes, loss)."""
+    info_path = Path(model_dir) / "model.json"
+    info = json.loads(info_path.read_text())
+    info.update(spec=spec.model_dump(mode="json"), input_shape=[info["obs_dim"]], output_dim=info["act_dim"],
+                loss="policy_gradient")
+    info_path.write_text(json.dumps(info, indent=2))
