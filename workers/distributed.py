@@ -108,6 +108,24 @@ class ShardWorker:
         return flat, total.metrics, total.count
 
 
+def gather(refs: list) -> list:
+    """``ray.get`` with failures typed: a dead worker is WorkerLost (restartable), a non-finite loss
+    stays NonFiniteLossError, anything else raised in a worker is WorkerError with its cause."""
+    try:
+        return ray.get(refs)
+    except (ActorDiedError, ActorUnavailableError) as exc:
+        raise WorkerLost(f"a worker died: {exc}") from exc
+    except RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc
+        if isinstance(cause, RayActorError):
+            raise WorkerLost(f"a worker died: {cause}") from exc
+        if isinstance(cause, NonFiniteLossError):
+            raise NonFiniteLossError(str(cause)) from exc
+        raise WorkerError(f"{type(cause).__name__}: {cause}") from exc
+    except RayActorError as exc:
+        raise WorkerLost(f"a worker died: {exc}") from exc
+
+
 class RayExecutor:
     """Fans a meta-iteration out to ``spec.resources.workers`` ShardWorker actors."""
 
@@ -126,30 +144,14 @@ class RayExecutor:
                          cache_dir=str(cache_dir) if cache_dir else None,
                          allowed_modules=list(allowed_modules) if allowed_modules is not None else None,
                          threads=res.threads_per_worker))
-            self.pids = self._get([w.pid.remote() for w in self.workers])
+            self.pids = gather([w.pid.remote() for w in self.workers])
         except BaseException:
             self.close()  # never leave half a worker group holding the cluster's resources
             raise
 
-    @staticmethod
-    def _get(refs: list) -> list:
-        try:
-            return ray.get(refs)
-        except (ActorDiedError, ActorUnavailableError) as exc:
-            raise WorkerLost(f"a worker died: {exc}") from exc
-        except RayTaskError as exc:
-            cause = exc.cause if exc.cause is not None else exc
-            if isinstance(cause, RayActorError):
-                raise WorkerLost(f"a worker died: {cause}") from exc
-            if isinstance(cause, NonFiniteLossError):
-                raise NonFiniteLossError(str(cause)) from exc
-            raise WorkerError(f"{type(cause).__name__}: {cause}") from exc
-        except RayActorError as exc:
-            raise WorkerLost(f"a worker died: {exc}") from exc
-
     def compute(self, params: Params, buffers: Params, iteration: int) -> list[GradientSum]:
         state = ray.put(({k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}))
-        results = self._get([w.compute.remote(state, iteration) for w in self.workers])
+        results = gather([w.compute.remote(state, iteration) for w in self.workers])
         sums = []
         for flat, metrics, count in results:
             s = GradientSum()

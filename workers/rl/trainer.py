@@ -142,9 +142,9 @@ class RaySampler:
     def _get(refs: list) -> list:
         # The supervised executor's mapping of Ray failures to WorkerLost / WorkerError /
         # NonFiniteLossError, so both trainers see the same typed errors.
-        from workers.distributed import RayExecutor
+        from workers.distributed import gather
 
-        return RayExecutor._get(refs)
+        return gather(refs)
 
     def sample(self, params: Params, iteration: int) -> list[TaskRollouts]:
         import ray
