@@ -19,8 +19,16 @@ from workers.models import build_model
 from workers.spec import ModelSpec
 from workers.tasks.base import Task
 
-torch.set_default_dtype(torch.float64)
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 for this module's tensors and modules, restored after each test (no leak into others)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _regression_task(gen: torch.Generator, d: int = 3, n: int = 6) -> Task:
