@@ -35,17 +35,19 @@ def adapt(
     """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after."""
     loss_fn = loss_function(loss)
     forward = Forward(model, buffers)
-    before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
     if steps == 0:
+        before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
         return dict(params), before, before
     if optimizer == "adam" or batch_size is not None:
+        before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
         task = Task(x, y, x, y)
         direction, _ = reptile_task(model, params, buffers, task, inner_steps=steps, inner_lr=lr, loss=loss,
                                     optimizer=optimizer, batch_size=batch_size)
         adapted = {k: params[k] - direction[k] for k in params}
     else:
+        # The first SGD step computes the full-batch loss at the start: that is the loss before.
         start = {k: p.detach().requires_grad_() for k, p in params.items()}
-        adapted, _ = sgd_adapt(forward, start, x, y, loss_fn, steps=steps, lr=lr, create_graph=False)
+        adapted, before = sgd_adapt(forward, start, x, y, loss_fn, steps=steps, lr=lr, create_graph=False)
         adapted = {k: v.detach() for k, v in adapted.items()}
     after, _ = evaluate(forward, adapted, x, y, loss_fn, classification=False)
     return adapted, before, after
