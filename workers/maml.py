@@ -8,6 +8,10 @@ differentiates through every inner step (second order: the product of (I - alpha
 First-order MAML drops those Jacobians and returns grad L_query(theta_k): it is a flag,
 ``first_order=True``, not a second implementation.
 
+On CPU, a model of conv/BatchNorm/ReLU/max-pool blocks and a linear head (the paper's Conv4) takes
+the same steps with the query pass through hand-written kernels (``workers.fast``, about twice as
+fast there); any other model runs the plain autograd loop below.
+
 Example::
 
     params, buffers = split_state(model)
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.fast import fused_net, maml_shard
 from workers.inner import Forward, NonFiniteLossError, Params, evaluate, loss_function, sgd_adapt
 from workers.tasks.base import LossName, Task
 
@@ -36,6 +41,27 @@ def maml_task(
     first_order: bool = False,
 ) -> tuple[Params, dict[str, float]]:
     """One task's MAML meta-gradient (keyed like ``params``) and its metrics."""
+    if fused_net(model, task.x_query.device) is not None:
+        fast = maml_shard(model, params, buffers, [task], inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
+                          first_order=first_order, query="fused")
+        if fast is not None:
+            return fast.grads, fast.metrics
+    return maml_task_autograd(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
+                              first_order=first_order)
+
+
+def maml_task_autograd(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    task: Task,
+    *,
+    inner_steps: int,
+    inner_lr: float,
+    loss: LossName,
+    first_order: bool = False,
+) -> tuple[Params, dict[str, float]]:
+    """``maml_task`` with plain autograd through ``functional_call``: any ``nn.Module``."""
     loss_fn = loss_function(loss)
     classification = loss == "cross_entropy"
     forward = Forward(model, buffers)
