@@ -387,6 +387,13 @@ def write(results: dict, stem: str, quick: bool) -> None:
         f"shared: 1-minute load average {results['load'][0]:.1f} at the start, {results['load'][1]:.1f} at the end. "
         f"Candidates interleaved, one meta-iteration each per round, rotating order; each in its own process.",
         "",
+        "Candidates: `ours` is `workers.meta_gradient` (the engine's per-task loop, `maml_task`, which takes the "
+        "hand-written CPU query kernels of `workers.fast.fused` for this model); `ours-batched` is "
+        "`workers.fast.shard_meta_gradient` on the whole meta-batch (inner loops of all tasks at once, then the "
+        "same query kernels); `higher` is `higher.innerloop_ctx` (SGD, `copy_initial_weights=False`, "
+        "`track_higher_grads` per order); `autograd` is a per-task `torch.autograd.grad` loop over "
+        "`torch.func.functional_call`.",
+        "",
     ]
     for order in ("second", "first"):
         rows = results["timing"][order]

@@ -42,7 +42,17 @@ def task_meta_gradient(
 
 def shard_meta_gradient(model: nn.Module, params: Params, buffers: Params, tasks: Sequence[Task],
                         **kwargs) -> GradientSum:
-    """The summed meta-gradients and metrics of a shard of tasks (one worker's share)."""
+    """The summed meta-gradients and metrics of a shard of tasks (one worker's share).
+
+    MAML and first-order MAML on a model the batched path recognises (conv/BatchNorm/ReLU/max-pool
+    blocks and a linear head, e.g. Conv4) take it: the shard's tasks at once, the same maths
+    (checked in float64 in tests/test_engine_fast.py); anything else takes the per-task loop.
+    """
+    from workers.fast import shard_meta_gradient as batched_shard_meta_gradient
+
+    fast = batched_shard_meta_gradient(model, params, buffers, tasks, **kwargs)
+    if fast is not None:
+        return fast
     total = GradientSum()
     for task in tasks:
         grads, metrics = task_meta_gradient(model, params, buffers, task, **kwargs)

@@ -9,8 +9,9 @@ First-order MAML drops those Jacobians and returns grad L_query(theta_k): it is 
 ``first_order=True``, not a second implementation.
 
 On CPU, a model of conv/BatchNorm/ReLU/max-pool blocks and a linear head (the paper's Conv4) takes
-the same steps with the query pass through hand-written kernels (``workers.fast``, about twice as
-fast there); any other model runs the plain autograd loop below.
+the same steps with the query passes through hand-written kernels (``workers.fast``; about 1.5x
+faster than the plain autograd loop with the same outputs on this project's 2-core CPU, see
+benchmarks/results/speed.md); any other model runs the plain autograd loop, ``maml_task_autograd``.
 
 Example::
 

@@ -4,8 +4,9 @@ The query pass of MAML is differentiated once only: the gradient at the adapted 
 the second-order path then pushes back through the inner steps with ordinary autograd. So its
 backward need not be differentiable, and can be written by hand for fewer passes over the large
 first-layer activations (75 x 64 x 28 x 28 for Omniglot 5-way, 15 queries) than the stock kernels
-make. On this project's 2-core CPU, PyTorch's own max_pool2d is 5x slower than a strided maximum,
-and var_mean and the 1-input-channel convolution are similarly slow (see benchmarks/speed.py).
+make. Measured on this project's 2-core CPU, one thread, at the first layer's size: max_pool2d with
+indices 18 ms against 3 ms for three maxima of strided NHWC views with their masks, var_mean 20 ms
+against 1 ms for a sum, the 1-input-channel convolution 4 ms against under 1 ms as a matrix product.
 
 Same function, reordered so that the large passes shrink (exact up to ties, see below):
 
