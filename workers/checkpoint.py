@@ -123,3 +123,11 @@ def latest_checkpoint(directory: Path) -> Checkpoint | None:
         except Exception as exc:  # a torn or corrupted file: fall back to the previous checkpoint
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
     return None
+
+
+def save_export(directory: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """A trained model as the registry reads it: ``model.safetensors`` plus ``model.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "model.json").write_text(json.dumps(info, indent=2))
+    return directory

@@ -8,7 +8,6 @@ step), evaluation, checkpoints and metrics, so a resumed or distributed run is t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -17,11 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from workers.aggregator import GradientSum, apply_meta_update, mean
-from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_export
 from workers.engine import shard_meta_gradient
 from workers.evaluation import meta_test
 from workers.inner import NonFiniteLossError, Params
@@ -260,19 +258,14 @@ class Trainer:
 
     def export(self, directory: Path) -> Path:
         """The trained model: ``model.safetensors`` plus ``model.json`` (spec, shapes, metrics)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        info = {
+        return save_export(directory, self.model.state_dict(), {
             "spec": self.spec.model_dump(mode="json"),
             "iteration": self.iteration,
             "input_shape": list(self.family.input_shape),
             "output_dim": self.family.output_dim,
             "loss": self.family.loss,
             "eval_metrics": self.eval_metrics,
-        }
-        (directory / "model.json").write_text(json.dumps(info, indent=2))
-        return directory
+        })
 
 
 def log_reporter(spec: JobSpec) -> Reporter:

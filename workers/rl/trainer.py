@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,10 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from workers.aggregator import apply_meta_update
-from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_export
 from workers.inner import NonFiniteLossError, Params
 from workers.rl.algorithms import (
     MetaObjective,
@@ -323,10 +321,7 @@ class RLTrainer:
 
     def export(self, directory: Path) -> Path:
         """The trained policy: ``model.safetensors`` plus ``model.json`` (config, shapes, metrics)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        info = {
+        return save_export(directory, self.policy.state_dict(), {
             "kind": "rl_policy",
             "config": self.config.model_dump(mode="json"),
             "iteration": self.iteration,
@@ -335,9 +330,7 @@ class RLTrainer:
             "task_dim": self.family.task_dim,
             "hidden": list(self.config.hidden),
             "eval_metrics": self.eval_metrics,
-        }
-        (directory / "model.json").write_text(json.dumps(info, indent=2))
-        return directory
+        })
 
 
 def log_reporter(config: RLConfig) -> Reporter:
