@@ -8,7 +8,8 @@ for the query inputs and the support loss before and after adaptation.
 Image models take base64 PNG or JPEG strings, preprocessed by the task family's own function, so
 an uploaded image becomes exactly the tensor training would have made of it.
 
-The work runs on a pool of ``adapt_max_concurrency`` threads, off the event loop. At most
+The work runs off the event loop: a query alone on a solo thread with every core, overlapping
+queries on a pool of ``adapt_max_concurrency`` threads that share the cores. At most
 ``adapt_queue_limit`` more queries wait; beyond that the answer is 429 with Retry-After.
 """
 
@@ -264,11 +265,16 @@ class Adapter:
         # every calling thread gets a team of one thread per core: with 4 queries on 2 cores that is
         # 8 threads, which spin at each barrier while another team holds the core (measured by
         # benchmarks/service.py: Omniglot 5-way 1-shot, 10 steps, 25% more server CPU per query).
-        # The count is process-wide in torch; the service process computes nothing else with torch
-        # (training runs in Ray workers, which set their own).
+        # A query that arrives alone runs on the solo lane instead, one thread whose team has every
+        # core (Omniglot 5-way 1-shot, 10 steps: 52 ms instead of 72 ms on 2 cores). It is one fixed
+        # thread on purpose: the pool hands queries to its threads in turn, and a query on a 2-thread
+        # team next to another idle 2-thread team took 111 ms (the idle team's OpenMP threads spin).
+        # The service process computes nothing else with torch (training runs in Ray workers).
         threads = intra_op_threads(settings.adapt_max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
                                         initializer=torch.set_num_threads, initargs=(threads,))
+        self._solo = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-adapt-solo",
+                                        initializer=torch.set_num_threads, initargs=(intra_op_threads(1),))
         self._cache: OrderedDict[str, LoadedModel | LoadedPolicy] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._in_flight = 0
@@ -284,6 +290,7 @@ class Adapter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._solo.shutdown(wait=False, cancel_futures=True)
 
     def _release(self, _future: Future[Any] | None = None) -> None:
         with self._admission:
@@ -297,9 +304,10 @@ class Adapter:
                 raise Saturated(f"{self._in_flight} adaptation queries in flight; retry later",
                                 retry_after=self.settings.adapt_retry_after_s)
             self._in_flight += 1
+            pool = self._solo if self._in_flight == 1 else self._pool
         start = time.perf_counter()
         try:
-            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
+            future = pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
         except RuntimeError:  # the pool is shut down: the service is stopping
             self._release()
             raise

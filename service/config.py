@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("MAML_DATABASE_URL", "DATABASE_URL", "database_url"),
         description="SQLAlchemy URL (postgresql+psycopg://...); default: SQLite file data_dir/maml.db")
     storage_dir: Path | None = Field(None, description="weights, checkpoints, runs; default data_dir/storage")
+    checkpoint_uri: str | None = Field(
+        None, description="where job checkpoints go instead of the storage path: a URI that pyarrow.fs opens "
+        "(s3://bucket/prefix, gs://..., hdfs://...); jobs use <uri>/jobs/<job id>/checkpoints")
     cache_dir: Path | None = Field(
         None, description="decoded dataset caches, shared by runs; default ~/.cache/maml-service as the workers'")
     data_root: Path | None = Field(
@@ -112,11 +115,28 @@ class Settings(BaseSettings):
         elif len(self.admin_token.get_secret_value()) < _MIN_SECRET_LENGTH:
             logger.warning("MAML_ADMIN_TOKEN is weak; it would be refused with MAML_ENV=production")
 
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or not scheme.isidentifier() or not rest.strip("/?"):
+            raise ValueError(f"{value!r} is not a URI such as s3://bucket/prefix (a local folder: use storage_dir)")
+        return value
+
     # -- derived paths ---------------------------------------------------------------------------
 
     @property
     def storage_path(self) -> Path:
         return (self.storage_dir or self.data_dir / "storage").expanduser()
+
+    def job_checkpoint_dir(self, job_id: str) -> str | Path:
+        """Where a job's checkpoints live: under ``checkpoint_uri`` when set, else the storage path."""
+        if self.checkpoint_uri is None:
+            return self.storage_path / "jobs" / job_id / "checkpoints"
+        base, sep, query = self.checkpoint_uri.partition("?")
+        return f"{base.rstrip('/')}/jobs/{job_id}/checkpoints{sep}{query}"
 
     @property
     def cache_path(self) -> Path:

@@ -43,7 +43,8 @@ class RunFn(Protocol):
 
     def __call__(self, spec: JobSpec, *, run_dir: Path, reporter: Callable[[int, dict[str, float]], None],
                  should_stop: Callable[[], bool], data_root: Path | None = None, cache_dir: Path | None = None,
-                 allowed_modules: Iterable[str] | None = None, report_every: int = 1) -> TrainResult: ...
+                 allowed_modules: Iterable[str] | None = None, report_every: int = 1,
+                 checkpoint_dir: str | Path | None = None) -> TrainResult: ...
 
 
 def describe_error(exc: BaseException) -> str:
@@ -259,7 +260,8 @@ class JobManager:
             result = self.run_fn(
                 spec, run_dir=settings.storage_path / "jobs" / job.id, reporter=run.report,
                 should_stop=run.should_stop, data_root=settings.data_root, cache_dir=settings.cache_path,
-                allowed_modules=settings.model_allowlist, report_every=settings.report_every)
+                allowed_modules=settings.model_allowlist, report_every=settings.report_every,
+                checkpoint_dir=settings.job_checkpoint_dir(job.id))
         except Exception as exc:
             self._flush_quietly(run)
             if self.stopping and not run.cancel.is_set():

@@ -32,19 +32,20 @@ SMALL_SINE: dict[str, Any] = {
 
 
 def in_process_runner(spec, *, run_dir: Path, reporter, should_stop, data_root=None, cache_dir=None,
-                      allowed_modules=None, report_every: int = 1) -> TrainResult:
+                      allowed_modules=None, report_every: int = 1, checkpoint_dir=None) -> TrainResult:
     """The runner contract of ``workers.distributed.run_training``, trained in this process."""
     if spec.is_rl:
         from workers.rl import RLTrainer
         from workers.rl.config import describe_export, from_job_spec
 
         result = RLTrainer(from_job_spec(spec), run_dir=run_dir, reporter=reporter, should_stop=should_stop,
-                           report_every=report_every).run()
+                           report_every=report_every, checkpoint_dir=checkpoint_dir).run()
         if result.model_dir is not None:
             describe_export(Path(result.model_dir), spec)
         return result
     return Trainer(spec, run_dir=run_dir, reporter=reporter, should_stop=should_stop, data_root=data_root,
-                   cache_dir=cache_dir, allowed_modules=allowed_modules, report_every=report_every).run()
+                   cache_dir=cache_dir, allowed_modules=allowed_modules, report_every=report_every,
+                   checkpoint_dir=checkpoint_dir).run()
 
 
 def make_settings(root: Path, **overrides: Any) -> Settings:

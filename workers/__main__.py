@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--run-dir", type=Path, required=True, help="checkpoints and the trained model go here")
     train.add_argument("--local", action="store_true", help="compute in this process instead of on Ray")
     train.add_argument("--data-root", type=Path, default=None)
+    train.add_argument("--checkpoint-dir", default=None,
+                       help="where checkpoints go instead of RUN_DIR/checkpoints: a path or a URI (s3://bucket/job)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -44,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         from workers.training import Trainer
 
-        result = Trainer(spec, run_dir=args.run_dir, data_root=args.data_root).run()
+        result = Trainer(spec, run_dir=args.run_dir, data_root=args.data_root,
+                         checkpoint_dir=args.checkpoint_dir).run()
     else:
         from workers.distributed import run_training
         from workers.training import log_reporter
 
         result = run_training(spec, run_dir=args.run_dir, reporter=log_reporter(spec), should_stop=lambda: False,
-                              data_root=args.data_root)
+                              data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
     print(json.dumps({"iteration": result.iteration, "eval": result.eval_metrics,
                       "model_dir": str(result.model_dir) if result.model_dir else None}))
     return 0

@@ -8,6 +8,13 @@ so a crash mid-write never leaves a half checkpoint that a resume would pick up)
         optimizer.safetensors   optimizer state tensors, "state.<param index>.<key>"
         state.json              spec, iteration, optimizer param groups and scalar state,
                                 torch RNG state, latest metrics
+
+The checkpoint directory is a local path by default, or any URI that ``pyarrow.fs`` opens (what
+Ray Train accepts as a storage path): ``s3://bucket/prefix`` (options in the query string, such
+as ``?endpoint_override=host:port&scheme=http``; credentials from the environment, as boto3 reads
+them), ``gs://``, ``hdfs://``, ``file://``. Object stores cannot rename a directory, so there a
+checkpoint's ``state.json`` is written last and is the commit mark: a checkpoint without it is
+incomplete, never read, and removed by a later save.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save, save_file
 
 logger = logging.getLogger(__name__)
 _PREFIX = "iter_"
@@ -36,7 +45,7 @@ class Checkpoint:
     spec: dict[str, Any]
     rng_state: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    path: Path | None = None
+    path: Path | str | None = None
 
 
 def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,16 +70,103 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path:
-    """Write ``ckpt`` atomically under ``directory`` and keep only the newest ``keep``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{_PREFIX}{ckpt.iteration:08d}"
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, str(tmp / "model.safetensors"))
+Location = str | Path  # a local directory, or a URI that pyarrow.fs opens
+
+
+class CheckpointStorageError(RuntimeError):
+    """A checkpoint location that cannot be opened (unknown scheme, bad options, missing bucket)."""
+
+
+class _Store:
+    """The checkpoint directory: local (atomic renames, fsync) or a pyarrow filesystem (commit mark)."""
+
+    def __init__(self, location: Location) -> None:
+        self.fs: pafs.FileSystem | None = None
+        text = str(location)
+        if "://" in text:
+            try:
+                fs, path = pafs.FileSystem.from_uri(text)
+            except (pa.ArrowException, ValueError, OSError) as exc:
+                raise CheckpointStorageError(f"checkpoint location {text!r}: {exc}") from exc
+            if not isinstance(fs, pafs.LocalFileSystem):
+                self.fs, self.uri, self.root = fs, text, path.rstrip("/")
+                return
+            location = path
+        self.local = Path(location)
+
+    def where(self, name: str) -> Path | str:
+        if self.fs is None:
+            return self.local / name
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+    def names(self) -> list[str]:
+        """Every entry under the location that looks like a checkpoint, complete or not."""
+        if self.fs is None:
+            if not self.local.is_dir():
+                return []
+            return [p.name for p in self.local.iterdir() if p.name.startswith(_PREFIX)]
+        selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
+        return [info.base_name for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.Directory and info.base_name.startswith(_PREFIX)]
+
+    def complete(self, name: str) -> bool:
+        if self.fs is None:
+            return (self.local / name / "state.json").is_file()
+        return self.fs.get_file_info(f"{self.root}/{name}/state.json").type == pafs.FileType.File
+
+    def read(self, name: str, file: str) -> bytes:
+        if self.fs is None:
+            return (self.local / name / file).read_bytes()
+        with self.fs.open_input_stream(f"{self.root}/{name}/{file}") as stream:
+            return stream.readall()
+
+    def write(self, name: str, files: dict[str, bytes]) -> None:
+        """Write one checkpoint's files so that a reader sees all of them or none (``state.json`` last)."""
+        if self.fs is None:
+            self.local.mkdir(parents=True, exist_ok=True)
+            final = self.local / name
+            tmp = self.local / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for file, data in files.items():
+                with open(tmp / file, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            return
+        self.delete(name)  # an incomplete attempt at the same iteration
+        for file, data in sorted(files.items(), key=lambda item: item[0] == "state.json"):
+            with self.fs.open_output_stream(f"{self.root}/{name}/{file}") as stream:
+                stream.write(data)
+
+    def delete(self, name: str) -> None:
+        if self.fs is None:
+            shutil.rmtree(self.local / name, ignore_errors=True)
+            return
+        if self.fs.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound:
+            self.fs.delete_dir(f"{self.root}/{name}")
+
+
+def _iteration(name: str) -> int:
+    try:
+        return int(name[len(_PREFIX):])
+    except ValueError:
+        return -1
+
+
+def _sorted(names: list[str]) -> list[str]:
+    return sorted((n for n in names if _iteration(n) >= 0), key=_iteration)
+
+
+def save_checkpoint(directory: Location, ckpt: Checkpoint, *, keep: int = 2) -> Path | str:
+    """Write ``ckpt`` under ``directory`` (a path or a URI) and keep only the newest ``keep``."""
+    store = _Store(directory)
+    name = f"{_PREFIX}{ckpt.iteration:08d}"
     opt_tensors, opt_meta = _optimizer_to_files(ckpt.optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = ckpt.rng_state
     state = {
         "iteration": ckpt.iteration,
@@ -79,43 +175,51 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep: int = 2) -> Path
         "rng_state": base64.b64encode(rng.numpy().tobytes()).decode() if rng is not None else None,
         "metrics": ckpt.metrics,
     }
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.debug("checkpoint written: %s", final)
-    return final
+    store.write(name, {
+        "model.safetensors": save({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}),
+        "optimizer.safetensors": save(opt_tensors),
+        "state.json": json.dumps(state).encode(),
+    })
+    # Older checkpoints beyond ``keep``, and incomplete ones older than this one (a crash mid-write).
+    names = _sorted(store.names())
+    complete = [n for n in names if store.complete(n)]
+    stale = [n for n in names if n not in complete and _iteration(n) < ckpt.iteration]
+    for old in complete[:-keep] + stale:
+        store.delete(old)
+    logger.debug("checkpoint written: %s", store.where(name))
+    return store.where(name)
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
-    if not directory.is_dir():
-        return []
-    done = [p for p in directory.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+def list_checkpoints(directory: Location) -> list[Path | str]:
+    """Complete checkpoints, oldest first (temporary and incomplete ones are ignored)."""
+    store = _Store(directory)
+    return [store.where(n) for n in _sorted(store.names()) if store.complete(n)]
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    state = json.loads((path / "state.json").read_text())
+def load_checkpoint(path: Location) -> Checkpoint:
+    """One checkpoint, by its path or URI (an entry of ``list_checkpoints``)."""
+    text = str(path)
+    if "://" in text:
+        base, sep, query = text.partition("?")
+        parent, _, name = base.rstrip("/").rpartition("/")
+        store = _Store(f"{parent}{sep}{query}")
+    else:
+        store, name = _Store(Path(path).parent), Path(path).name
+    state = json.loads(store.read(name, "state.json"))
     rng = state.get("rng_state")
     rng_state = torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8) if rng else None
     return Checkpoint(
         iteration=state["iteration"],
-        model=load_file(str(path / "model.safetensors")),
-        optimizer=_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
+        model=load(store.read(name, "model.safetensors")),
+        optimizer=_optimizer_from_files(load(store.read(name, "optimizer.safetensors")), state["optimizer"]),
         spec=state["spec"],
         rng_state=rng_state,
         metrics=state.get("metrics", {}),
-        path=path,
+        path=store.where(name),
     )
 
 
-def latest_checkpoint(directory: Path) -> Checkpoint | None:
+def latest_checkpoint(directory: Location) -> Checkpoint | None:
     """The newest readable checkpoint; an unreadable one is skipped with a warning."""
     for path in reversed(list_checkpoints(directory)):
         try:

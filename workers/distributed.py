@@ -28,6 +28,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from workers.aggregator import GradientSum, flatten, unflatten
+from workers.checkpoint import Location
 from workers.engine import shard_meta_gradient
 from workers.inner import NonFiniteLossError, Params
 from workers.spec import JobSpec
@@ -182,11 +183,13 @@ def run_training(
     report_every: int = 1,
     max_restarts: int = 3,
     on_workers: Callable[[list[int]], None] | None = None,
+    checkpoint_dir: Location | None = None,
 ) -> TrainResult:
     """Run a job on Ray to its end, resuming from ``run_dir/checkpoints`` when a checkpoint is there.
 
     Restarts the worker group from the last checkpoint when a worker dies (``max_restarts``
     times). ``on_workers(pids)`` is told the worker processes of each group, for observability.
+    ``checkpoint_dir`` (a path or a URI such as ``s3://bucket/job``) replaces ``run_dir/checkpoints``.
     """
     ensure_ray()
     if spec.is_rl:  # meta-RL: rollouts on Ray workers, TRPO in the driver (workers/rl)
@@ -194,7 +197,8 @@ def run_training(
         from workers.rl.trainer import run_rl_training
 
         result = run_rl_training(from_job_spec(spec), run_dir=run_dir, reporter=reporter, should_stop=should_stop,
-                                 use_ray=True, report_every=report_every, max_restarts=max_restarts)
+                                 use_ray=True, report_every=report_every, max_restarts=max_restarts,
+                                 checkpoint_dir=checkpoint_dir)
         if result.model_dir is not None:
             describe_export(Path(result.model_dir), spec)
         return result
@@ -212,7 +216,7 @@ def run_training(
         start = time.perf_counter()
         trainer = Trainer(spec, run_dir=run_dir, data_root=data_root, cache_dir=cache_dir, reporter=reporter,
                           should_stop=should_stop, executor_factory=factory, allowed_modules=allowed_modules,
-                          report_every=report_every)
+                          report_every=report_every, checkpoint_dir=checkpoint_dir)
         logger.info("%s: %d workers ready in %.1fs at iteration %d", spec.name, spec.resources.workers,
                     time.perf_counter() - start, trainer.iteration)
         try:

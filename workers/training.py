@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from workers.aggregator import GradientSum, apply_meta_update, mean
-from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_export
+from workers.checkpoint import Checkpoint, Location, latest_checkpoint, save_checkpoint, save_export
 from workers.engine import shard_meta_gradient
 from workers.evaluation import meta_test
 from workers.inner import NonFiniteLossError, Params
@@ -130,6 +130,9 @@ class TrainResult:
 class Trainer:
     """Meta-train a spec to completion, resuming from ``run_dir/checkpoints`` when one is there.
 
+    ``checkpoint_dir`` puts the checkpoints elsewhere: a path or a URI such as ``s3://bucket/job``
+    (``workers.checkpoint``); the trained model is still exported under ``run_dir``.
+
     ``reporter(iteration, metrics)`` receives a flat dict with namespaced keys after every
     ``report_every`` iterations and after every evaluation; ``should_stop()`` is polled every
     iteration (cancellation), after which a checkpoint is written and the result is marked cancelled.
@@ -148,9 +151,11 @@ class Trainer:
         allowed_modules: Iterable[str] | None = None,
         report_every: int = 1,
         device: torch.device | None = None,
+        checkpoint_dir: Location | None = None,
     ) -> None:
         self.spec = spec
         self.run_dir = Path(run_dir)
+        self.checkpoint_dir: Location = checkpoint_dir or self.run_dir / "checkpoints"
         self.reporter = reporter or log_reporter(spec)
         self.should_stop = should_stop or (lambda: False)
         self.report_every = report_every
@@ -167,10 +172,6 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self._resume()
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.checkpoint_dir)
         if ckpt is None:
@@ -186,7 +187,7 @@ class Trainer:
         self.last_metrics = dict(ckpt.metrics)
         logger.info("resumed %s from %s at iteration %d", self.spec.name, ckpt.path, ckpt.iteration)
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | str:
         return save_checkpoint(self.checkpoint_dir, Checkpoint(
             iteration=self.iteration,
             model=self.model.state_dict(),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from workers.aggregator import apply_meta_update
-from workers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_export
+from workers.checkpoint import Checkpoint, Location, latest_checkpoint, save_checkpoint, save_export
 from workers.inner import NonFiniteLossError, Params
 from workers.rl.algorithms import (
     MetaObjective,
@@ -188,9 +188,10 @@ class RLTrainer:
     def __init__(self, config: RLConfig, *, run_dir: Path, reporter: Reporter | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  sampler_factory: Callable[[RLConfig, EnvFamily, GaussianMLPPolicy], Sampler] | None = None,
-                 report_every: int = 1) -> None:
+                 report_every: int = 1, checkpoint_dir: Location | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.checkpoint_dir: Location = checkpoint_dir or self.run_dir / "checkpoints"
         self.reporter = reporter or log_reporter(config)
         self.should_stop = should_stop or (lambda: False)
         self.report_every = report_every
@@ -206,10 +207,6 @@ class RLTrainer:
         factory = sampler_factory or LocalSampler
         self.sampler = factory(config, self.family, self.policy)
         logger.info("%s: config %s", config.name, config.model_dump(mode="json"))
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
 
     def params(self) -> Params:
         return {k: v.detach() for k, v in self.parameters.items()}
@@ -227,7 +224,7 @@ class RLTrainer:
         self.last_metrics = dict(ckpt.metrics)
         logger.info("resumed %s from %s at iteration %d", self.config.name, ckpt.path, ckpt.iteration)
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | str:
         return save_checkpoint(self.checkpoint_dir, Checkpoint(
             iteration=self.iteration,
             model=self.policy.state_dict(),
@@ -350,7 +347,8 @@ def log_reporter(config: RLConfig) -> Reporter:
 
 
 def run_rl_training(config: RLConfig, *, run_dir: Path, reporter: Reporter, should_stop: Callable[[], bool],
-                    use_ray: bool = True, report_every: int = 1, max_restarts: int = 3) -> TrainResult:
+                    use_ray: bool = True, report_every: int = 1, max_restarts: int = 3,
+                    checkpoint_dir: Location | None = None) -> TrainResult:
     """Run an RL job to its end, resuming from ``run_dir/checkpoints`` when a checkpoint is there.
 
     With ``use_ray`` the rollouts run on ``config.workers`` Ray actors (a local cluster is started
@@ -369,7 +367,7 @@ def run_rl_training(config: RLConfig, *, run_dir: Path, reporter: Reporter, shou
             return sampler
 
         trainer = RLTrainer(config, run_dir=run_dir, reporter=reporter, should_stop=should_stop,
-                            sampler_factory=factory, report_every=report_every)
+                            sampler_factory=factory, report_every=report_every, checkpoint_dir=checkpoint_dir)
         try:
             return trainer.run()
         except WorkerLost as exc:
