@@ -516,8 +516,7 @@ def write_report(result: dict[str, Any], stem: str) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work: load average "
         f"{m['load_avg_at_start'][0]:.1f} at the start), Python {m['python']}, torch {m['torch']} "
         f"(default intra-op threads {m['torch_threads_default']}; the adaptation pool's threads use "
-        f"{s['adapt_torch_threads']}: a query that arrives alone runs on the solo lane with every core, "
-        "overlapping ones on the pool with cores // MAML_ADAPT_MAX_CONCURRENCY).", "",
+        f"{s['adapt_torch_threads']}, cores // MAML_ADAPT_MAX_CONCURRENCY).", "",
         "Server: `python -m uvicorn --factory api.main:create_app` (one process, SQLite WAL file on a temporary "
         "data dir, embedded Ray with `MAML_RAY_NUM_CPUS=2`); clients are threads of this process, one keep-alive "
         "httpx connection each, requests back to back. Latency is client-side, request to response body. "
@@ -645,8 +644,7 @@ def main() -> None:
                    "(the same app without a training backend; the `app` column says which)."
                    if server.app == server.fallback_app else ""))
 
-    threads = f"{intra_op_threads(1)} for a query alone, {intra_op_threads(concurrency)} each when they overlap"
-    result["settings"] = {"adapt_torch_threads": threads, "repeats": repeats,
+    result["settings"] = {"adapt_torch_threads": intra_op_threads(concurrency), "repeats": repeats,
                           "sequential_requests": sequential, "concurrent_requests": concurrent,
                           "page_requests": pages, "warmup": warmup,
                           "server_env": {"MAML_RAY_NUM_CPUS": 2, **extra_env,

@@ -8,8 +8,7 @@ for the query inputs and the support loss before and after adaptation.
 Image models take base64 PNG or JPEG strings, preprocessed by the task family's own function, so
 an uploaded image becomes exactly the tensor training would have made of it.
 
-The work runs off the event loop: a query alone on a solo thread with every core, overlapping
-queries on a pool of ``adapt_max_concurrency`` threads that share the cores. At most
+The work runs on a pool of ``adapt_max_concurrency`` threads, off the event loop. At most
 ``adapt_queue_limit`` more queries wait; beyond that the answer is 429 with Retry-After.
 """
 
@@ -265,16 +264,15 @@ class Adapter:
         # every calling thread gets a team of one thread per core: with 4 queries on 2 cores that is
         # 8 threads, which spin at each barrier while another team holds the core (measured by
         # benchmarks/service.py: Omniglot 5-way 1-shot, 10 steps, 25% more server CPU per query).
-        # A query that arrives alone runs on the solo lane instead, one thread whose team has every
-        # core (Omniglot 5-way 1-shot, 10 steps: 52 ms instead of 72 ms on 2 cores). It is one fixed
-        # thread on purpose: the pool hands queries to its threads in turn, and a query on a 2-thread
-        # team next to another idle 2-thread team took 111 ms (the idle team's OpenMP threads spin).
-        # The service process computes nothing else with torch (training runs in Ray workers).
+        # The count is process-wide in torch; the service process computes nothing else with torch
+        # (training runs in Ray workers, which set their own). Not more threads for a query that runs
+        # alone: a 2-thread team on a pool thread took 99 ms instead of 46 ms with one thread once
+        # another thread of the process had run a 2-thread team (the job thread's evaluations do),
+        # and 111 ms when consecutive queries landed on different pool threads (measured with
+        # Omniglot 5-way 1-shot, 10 steps, on this 2-core machine): libgomp's idle teams compete.
         threads = intra_op_threads(settings.adapt_max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
                                         initializer=torch.set_num_threads, initargs=(threads,))
-        self._solo = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-adapt-solo",
-                                        initializer=torch.set_num_threads, initargs=(intra_op_threads(1),))
         self._cache: OrderedDict[str, LoadedModel | LoadedPolicy] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._in_flight = 0
@@ -290,7 +288,6 @@ class Adapter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._solo.shutdown(wait=False, cancel_futures=True)
 
     def _release(self, _future: Future[Any] | None = None) -> None:
         with self._admission:
@@ -304,10 +301,9 @@ class Adapter:
                 raise Saturated(f"{self._in_flight} adaptation queries in flight; retry later",
                                 retry_after=self.settings.adapt_retry_after_s)
             self._in_flight += 1
-            pool = self._solo if self._in_flight == 1 else self._pool
         start = time.perf_counter()
         try:
-            future = pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
+            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
         except RuntimeError:  # the pool is shut down: the service is stopping
             self._release()
             raise

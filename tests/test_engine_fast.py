@@ -202,3 +202,34 @@ def test_non_finite_loss_is_named() -> None:
         with pytest.raises(NonFiniteLossError, match="task 1"):
             maml_shard(model, params, buffers, [tasks[0], bad], inner_steps=1, inner_lr=0.1,
                        loss="cross_entropy", query=query)
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(channels=3, image=20, ways=5, shots=2)])
+def test_adaptation_with_fused_kernels_equals_autograd(shape: dict) -> None:
+    """``workers.evaluation.adapt`` (service queries, meta-test) takes the hand-written kernels."""
+    from workers.evaluation import adapt
+
+    ways = shape.get("ways", 3)
+    model = _conv4(in_channels=shape.get("channels", 1), ways=ways, image=shape.get("image", 16))
+    params, buffers = split_state(model)
+    task = _image_tasks(1, **shape)[0]
+    kw = dict(steps=5, lr=0.3, loss="cross_entropy")
+    fast, fast_before, fast_after = adapt(model, params, buffers, task.x_support, task.y_support, **kw)
+    slow, slow_before, slow_after = adapt(model, params, buffers, task.x_support, task.y_support, fast=False, **kw)
+    assert fused_net(model, torch.device("cpu")) is not None
+    assert fast.keys() == slow.keys()
+    for name in slow:
+        torch.testing.assert_close(fast[name], slow[name], **TOL, msg=name)
+    assert fast_before == pytest.approx(slow_before, abs=1e-12) and fast_after == pytest.approx(slow_after, abs=1e-12)
+    assert fast_after < fast_before
+
+
+def test_adaptation_of_other_models_keeps_autograd() -> None:
+    from workers.evaluation import adapt
+
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).to(DT)
+    params, buffers = split_state(model)
+    x = torch.linspace(-1, 1, 10, dtype=DT).view(-1, 1)
+    adapted, before, after = adapt(model, params, buffers, x, x.sin(), steps=3, lr=0.1, loss="mse")
+    assert fused_net(model, torch.device("cpu")) is None and after < before

@@ -14,7 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from workers.inner import Forward, Params, evaluate, loss_function, sgd_adapt
+from workers.fast import fused
+from workers.fast.batched import fused_net
+from workers.inner import Forward, NonFiniteLossError, Params, evaluate, loss_function, sgd_adapt
 from workers.reptile import reptile_task
 from workers.tasks.base import LossName, Task, TaskFamily
 
@@ -31,8 +33,18 @@ def adapt(
     loss: LossName,
     optimizer: Literal["sgd", "adam"] = "sgd",
     batch_size: int | None = None,
+    fast: bool = True,
 ) -> tuple[Params, float, float]:
-    """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after."""
+    """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after.
+
+    SGD steps on a conv/BatchNorm/ReLU/max-pool stack with a linear head (Conv4) take the
+    hand-written CPU kernels of ``workers.fast.fused`` (the same gradients, checked in float64
+    against autograd); ``fast=False`` forces the autograd loop, which takes any module.
+    """
+    if fast and steps > 0 and optimizer == "sgd" and batch_size is None:
+        net = fused_net(model, x.device)
+        if net is not None:
+            return _adapt_fused(net, params, x, y, steps=steps, lr=lr, loss=loss)
     loss_fn = loss_function(loss)
     forward = Forward(model, buffers)
     if steps == 0:
@@ -51,6 +63,24 @@ def adapt(
         adapted = {k: v.detach() for k, v in adapted.items()}
     after, _ = evaluate(forward, adapted, x, y, loss_fn, classification=False)
     return adapted, before, after
+
+
+def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
+                 loss: LossName) -> tuple[Params, float, float]:
+    """``steps`` SGD steps with the hand-written forward and backward (no autograd graph)."""
+    p = {k: v.detach() for k, v in params.items()}
+    prepared = fused.prepare(net, p, x)  # the input as the first block takes it, once for every step
+    before = float("nan")
+    for step in range(steps):
+        value, _, grads = fused.run(net, p, prepared, y, loss, grad=True)
+        if step == 0:
+            before = value.item()
+        if not torch.isfinite(value):
+            raise NonFiniteLossError(f"inner loss is {value.item()} at inner step {step}")
+        assert grads is not None
+        p = {k: v - lr * grads[k] for k, v in p.items()}
+    after = fused.run(net, p, prepared, y, loss, grad=False)[0].item()
+    return p, before, after
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
