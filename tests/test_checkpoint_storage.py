@@ -148,3 +148,21 @@ def test_service_jobs_checkpoint_to_the_configured_uri(s3: tuple[str, object], t
     assert {k.split("/")[-2] for k in _keys(s3, prefix)} == {"iter_00000004", "iter_00000006"}
     assert not (settings.storage_path / "jobs" / job["id"] / "checkpoints").exists()
     assert latest_checkpoint(settings.job_checkpoint_dir(job["id"])).iteration == 6
+
+
+def test_rl_training_checkpoints_and_resumes_on_s3(s3: tuple[str, object], tmp_path: Path) -> None:
+    from workers.rl import RLConfig, RLTrainer
+
+    cfg = RLConfig(hidden=[8], meta_batch_size=2, rollouts=2, horizon=5, iterations=3, eval_every=1000,
+                   eval_tasks=2, eval_steps=1, checkpoint_every=1)
+    uri = _uri(s3, "rl/job-1")
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    assert RLTrainer(cfg, run_dir=tmp_path, checkpoint_dir=uri, should_stop=stop_after_two).run().cancelled
+    assert latest_checkpoint(uri).iteration == 2
+    resumed = RLTrainer(cfg, run_dir=tmp_path, checkpoint_dir=uri)
+    assert resumed.iteration == 2 and resumed.run().iteration == 3
