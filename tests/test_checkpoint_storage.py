@@ -166,3 +166,13 @@ def test_rl_training_checkpoints_and_resumes_on_s3(s3: tuple[str, object], tmp_p
     assert latest_checkpoint(uri).iteration == 2
     resumed = RLTrainer(cfg, run_dir=tmp_path, checkpoint_dir=uri)
     assert resumed.iteration == 2 and resumed.run().iteration == 3
+
+
+def test_saving_the_same_iteration_again_keeps_a_readable_checkpoint(s3: tuple[str, object]) -> None:
+    uri = _uri(s3, "unit/again")
+    save_checkpoint(uri, _ckpt(3), keep=1)
+    again = _ckpt(3)
+    again.metrics = {"meta/loss": 0.25}
+    save_checkpoint(uri, again, keep=1)
+    assert latest_checkpoint(uri).metrics == {"meta/loss": 0.25}
+    assert len(_keys(s3, "unit/again/")) == 3

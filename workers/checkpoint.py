@@ -138,7 +138,10 @@ class _Store:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             return
-        self.delete(name)  # an incomplete attempt at the same iteration
+        # A complete checkpoint of this iteration (the same training state: a cancel right after a
+        # periodic save) is overwritten in place, never deleted first; an incomplete one is cleared.
+        if not self.complete(name):
+            self.delete(name)
         for file, data in sorted(files.items(), key=lambda item: item[0] == "state.json"):
             with self.fs.open_output_stream(f"{self.root}/{name}/{file}") as stream:
                 stream.write(data)
