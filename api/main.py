@@ -12,6 +12,7 @@ trains in-process, so they need no Ray cluster.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -42,7 +43,7 @@ def ray_backend(settings: Settings) -> RunFn:
     from workers.distributed import ensure_ray, run_training
 
     ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)
-    return run_training
+    return functools.partial(run_training, worker_start_timeout_s=settings.worker_start_timeout_s)
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend = ray_backend) -> FastAPI:

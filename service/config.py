@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("MAML_DATABASE_URL", "DATABASE_URL", "database_url"),
         description="SQLAlchemy URL (postgresql+psycopg://...); default: SQLite file data_dir/maml.db")
     storage_dir: Path | None = Field(None, description="weights, checkpoints, runs; default data_dir/storage")
+    worker_start_timeout_s: float = Field(
+        600.0, gt=0, description="how long a job's Ray workers may wait for the cluster's CPUs and GPUs (an "
+        "autoscaler may add nodes) before the job fails naming what it asked for")
     checkpoint_uri: str | None = Field(
         None, description="where job checkpoints go instead of the storage path: a URI that pyarrow.fs opens "
         "(s3://bucket/prefix, gs://..., hdfs://...); jobs use <uri>/jobs/<job id>/checkpoints")

@@ -141,3 +141,17 @@ def test_relaunching_a_killed_launcher_resumes_from_the_last_checkpoint(cluster,
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["iteration"] == 600
     assert f"at iteration {killed_at}" in second.stderr
+
+
+def test_a_group_the_cluster_cannot_place_fails_naming_the_resources(cluster, tmp_path: Path) -> None:
+    from workers.training import WorkerError
+
+    spec = _spec(resources={"workers": 1, "gpus_per_worker": 1})  # this cluster has no GPU
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"did not start in 2 s.*1 GPU; the Ray cluster has 2 CPU, 0 GPU"):
+        _run(spec, tmp_path / "gpu", worker_start_timeout_s=2)
+    assert time.monotonic() - start < 30
+    # A cancel while the group waits ends the job as cancelled, without a wait for the timeout.
+    result = _run(spec, tmp_path / "gpu-cancel", worker_start_timeout_s=600, should_stop=lambda: True)
+    assert result.cancelled and result.iteration == 0
+    assert ray.available_resources().get("CPU") == 2  # nothing left holding the cluster

@@ -109,6 +109,10 @@ class ShardWorker:
         return flat, total.metrics, total.count
 
 
+def _resources(res: dict[str, float]) -> str:
+    return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
 def gather(refs: list) -> list:
     """``ray.get`` with failures typed: a dead worker is WorkerLost (restartable), a non-finite loss
     stays NonFiniteLossError, anything else raised in a worker is WorkerError with its cause."""
@@ -128,10 +132,17 @@ def gather(refs: list) -> list:
 
 
 class RayExecutor:
-    """Fans a meta-iteration out to ``spec.resources.workers`` ShardWorker actors."""
+    """Fans a meta-iteration out to ``spec.resources.workers`` ShardWorker actors.
+
+    The group waits at most ``start_timeout_s`` for the cluster to place it (an autoscaler may be
+    adding nodes); past that it fails with ``WorkerError`` naming what was asked and what the
+    cluster has, instead of waiting forever for GPUs that are not there. ``should_stop()`` (a
+    cancel) ends the wait early; the training loop then sees the cancel before its first iteration.
+    """
 
     def __init__(self, spec: JobSpec, *, data_root: Path | None, cache_dir: Path | None,
-                 allowed_modules: Iterable[str] | None) -> None:
+                 allowed_modules: Iterable[str] | None, start_timeout_s: float = 600.0,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         res = spec.resources
         world = res.workers
         remote = ray.remote(ShardWorker)
@@ -145,7 +156,18 @@ class RayExecutor:
                          cache_dir=str(cache_dir) if cache_dir else None,
                          allowed_modules=list(allowed_modules) if allowed_modules is not None else None,
                          threads=res.threads_per_worker))
-            self.pids = gather([w.pid.remote() for w in self.workers])
+            refs = [w.pid.remote() for w in self.workers]
+            deadline = time.monotonic() + start_timeout_s
+            while len(ray.wait(refs, num_returns=len(refs), timeout=min(1.0, start_timeout_s))[0]) < len(refs):
+                if should_stop is not None and should_stop():
+                    self.pids: list[int] = []
+                    return
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"the worker group did not start in {start_timeout_s:.0f} s: the job asks for {world} "
+                        f"worker(s) x {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU; the Ray cluster has "
+                        f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free")
+            self.pids = gather(refs)
         except BaseException:
             self.close()  # never leave half a worker group holding the cluster's resources
             raise
@@ -184,12 +206,14 @@ def run_training(
     max_restarts: int = 3,
     on_workers: Callable[[list[int]], None] | None = None,
     checkpoint_dir: Location | None = None,
+    worker_start_timeout_s: float = 600.0,
 ) -> TrainResult:
     """Run a job on Ray to its end, resuming from ``run_dir/checkpoints`` when a checkpoint is there.
 
     Restarts the worker group from the last checkpoint when a worker dies (``max_restarts``
     times). ``on_workers(pids)`` is told the worker processes of each group, for observability.
     ``checkpoint_dir`` (a path or a URI such as ``s3://bucket/job``) replaces ``run_dir/checkpoints``.
+    A group the cluster cannot place within ``worker_start_timeout_s`` fails the job (``WorkerError``).
     """
     ensure_ray()
     if spec.is_rl:  # meta-RL: rollouts on Ray workers, TRPO in the driver (workers/rl)
@@ -207,7 +231,8 @@ def run_training(
         executors: list[RayExecutor] = []
 
         def factory(s: JobSpec, family: Any, model: Any, executors: list[RayExecutor] = executors) -> RayExecutor:
-            ex = RayExecutor(s, data_root=data_root, cache_dir=cache_dir, allowed_modules=allowed_modules)
+            ex = RayExecutor(s, data_root=data_root, cache_dir=cache_dir, allowed_modules=allowed_modules,
+                             start_timeout_s=worker_start_timeout_s, should_stop=should_stop)
             executors.append(ex)
             if on_workers is not None:
                 on_workers(ex.pids)
