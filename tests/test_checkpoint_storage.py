@@ -7,12 +7,12 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+from conftest import make_app, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from service.config import Settings
-from tests.conftest import make_app, make_settings, submit, wait_for_job
 from workers.checkpoint import (
     Checkpoint,
     CheckpointStorageError,
