@@ -43,8 +43,8 @@ from service.errors import Conflict, InvalidInput, NotFound, Saturated
 from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
-from workers.evaluation import adapt
-from workers.inner import Forward, NonFiniteLossError, Params
+from workers.evaluation import adapt, predict
+from workers.inner import NonFiniteLossError, Params
 from workers.models import ModelError, build_model
 from workers.spec import JobSpec
 from workers.training import torch_dtype
@@ -365,8 +365,7 @@ class Adapter:
                                            batch_size=spec.inner.batch_size)
         except NonFiniteLossError as exc:
             raise InvalidInput("lr", f"adaptation diverged ({exc}); use a smaller lr or fewer steps") from None
-        with torch.no_grad():
-            out = Forward(module, model.buffers)(adapted, xq) if len(xq) else None  # (Q, output_dim)
+        out = predict(module, adapted, model.buffers, xq) if len(xq) else None  # (Q, output_dim)
         if not (np.isfinite(before) and np.isfinite(after)) or (out is not None and not torch.isfinite(out).all()):
             raise InvalidInput("lr", "adaptation diverged (non-finite loss or predictions); use a smaller lr")
 

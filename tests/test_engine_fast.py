@@ -222,6 +222,12 @@ def test_adaptation_with_fused_kernels_equals_autograd(shape: dict) -> None:
         torch.testing.assert_close(fast[name], slow[name], **TOL, msg=name)
     assert fast_before == pytest.approx(slow_before, abs=1e-12) and fast_after == pytest.approx(slow_after, abs=1e-12)
     assert fast_after < fast_before
+    # The query predictions of the adapted model (batch statistics of the query), and one query alone.
+    from workers.evaluation import predict
+    from workers.inner import Forward
+
+    for xq in (task.x_query, task.x_query[:1]):
+        torch.testing.assert_close(predict(model, fast, buffers, xq), Forward(model, buffers)(slow, xq).detach(), **TOL)
 
 
 def test_adaptation_of_other_models_keeps_autograd() -> None:

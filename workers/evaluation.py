@@ -65,6 +65,15 @@ def adapt(
     return adapted, before, after
 
 
+def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+    """The outputs for ``x`` with ``params`` (no graph): the hand-written kernels where they apply."""
+    net = fused_net(model, x.device)
+    if net is not None:
+        return fused.logits(net, params, x)
+    with torch.no_grad():
+        return Forward(model, buffers)(params, x)
+
+
 def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
                  loss: LossName) -> tuple[Params, float, float]:
     """``steps`` SGD steps with the hand-written forward and backward (no autograd graph)."""

@@ -268,6 +268,27 @@ def prepare(net: FusedNet, p: Params, x: torch.Tensor) -> Prepared:
     return h
 
 
+def _forward(net: FusedNet, p: Params, x: Prepared, saved: list[_Saved] | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, the last block's NHWC output, its features); each block's activations go to ``saved``."""
+    h: Prepared = x
+    for blk in net.blocks:
+        h, sv = _block_forward(blk, p, h, saved is not None)
+        if saved is not None and sv is not None:
+            saved.append(sv)
+    assert isinstance(h, torch.Tensor)
+    feat = _nchw(h).flatten(1)  # (n, features), in x.flatten(1)'s (C, H, W) order
+    wh = p[net.head.weight]  # (out, features)
+    out = torch.addmm(p[net.head.bias], feat, wh.t()) if net.head.bias else feat @ wh.t()
+    return out, h, feat
+
+
+@torch.no_grad()
+def logits(net: FusedNet, p: Params, x: torch.Tensor) -> torch.Tensor:
+    """The network's outputs for (n, C, H, W) ``x`` (batch statistics of ``x``, as in training)."""
+    return _forward(net, p, prepare(net, p, x), None)[0]
+
+
 @torch.no_grad()
 def run(net: FusedNet, p: Params, x: Prepared, y: torch.Tensor, loss: LossName, *,
         grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, Params | None]:
@@ -277,15 +298,8 @@ def run(net: FusedNet, p: Params, x: Prepared, y: torch.Tensor, loss: LossName, 
     y (n,) labels or (n, out) targets. Nothing is recorded for autograd.
     """
     saved: list[_Saved] = []
-    h: Prepared = x
-    for blk in net.blocks:
-        h, sv = _block_forward(blk, p, h, grad)
-        if sv is not None:
-            saved.append(sv)
-    assert isinstance(h, torch.Tensor)
-    feat = _nchw(h).flatten(1)  # (n, features), in x.flatten(1)'s (C, H, W) order
+    out, h, feat = _forward(net, p, x, saved if grad else None)
     wh = p[net.head.weight]  # (out, features)
-    out = torch.addmm(p[net.head.bias], feat, wh.t()) if net.head.bias else feat @ wh.t()
     n = out.shape[0]
     if loss == "cross_entropy":
         logp = torch.log_softmax(out, 1)
