@@ -136,10 +136,9 @@ class Settings(BaseSettings):
 
     def job_checkpoint_dir(self, job_id: str) -> str | Path:
         """Where a job's checkpoints live: under ``checkpoint_uri`` when set, else the storage path."""
-        if self.checkpoint_uri is None:
-            return self.storage_path / "jobs" / job_id / "checkpoints"
-        base, sep, query = self.checkpoint_uri.partition("?")
-        return f"{base.rstrip('/')}/jobs/{job_id}/checkpoints{sep}{query}"
+        from workers.checkpoint import join
+
+        return join(self.checkpoint_uri or self.storage_path, "jobs", job_id, "checkpoints")
 
     @property
     def cache_path(self) -> Path:

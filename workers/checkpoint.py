@@ -73,6 +73,15 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 Location = str | Path  # a local directory, or a URI that pyarrow.fs opens
 
 
+def join(location: Location, *parts: str) -> Location:
+    """``location`` / ``parts``: a path below a local directory, or below a URI's path (before its query)."""
+    text = str(location)
+    if "://" not in text:
+        return Path(location).joinpath(*parts)
+    base, sep, query = text.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 class CheckpointStorageError(RuntimeError):
     """A checkpoint location that cannot be opened (unknown scheme, bad options, missing bucket)."""
 
@@ -95,10 +104,7 @@ class _Store:
         self.local = Path(location)
 
     def where(self, name: str) -> Path | str:
-        if self.fs is None:
-            return self.local / name
-        base, sep, query = self.uri.partition("?")
-        return f"{base.rstrip('/')}/{name}{sep}{query}"
+        return self.local / name if self.fs is None else join(self.uri, name)
 
     def names(self) -> list[str]:
         """Every entry under the location that looks like a checkpoint, complete or not."""
