@@ -43,9 +43,10 @@ from service.errors import Conflict, InvalidInput, NotFound, Saturated
 from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
+from workers.errors import ModelError, NonFiniteLossError
 from workers.evaluation import adapt, predict
-from workers.inner import NonFiniteLossError, Params
-from workers.models import ModelError, build_model
+from workers.inner import Params
+from workers.models import build_model
 from workers.spec import JobSpec
 from workers.training import torch_dtype
 

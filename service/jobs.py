@@ -18,24 +18,15 @@ from service.config import Settings
 from service.db import JOB_STATUSES, TERMINAL_STATUSES, Job, JobMetric, utcnow
 from service.errors import Conflict, InvalidInput, NotFound
 from service.schemas import finite_metrics
-from workers.models import ModelError, build_model
+from workers.errors import ModelError, SpecError
+from workers.models import build_model
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
-from workers.tasks import DatasetError
 from workers.training import build
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ policy
-
-
-def _field_error(exc: Exception, default_field: str) -> InvalidInput:
-    """A workers error whose message starts with its field (``model.kwargs: ...``) as InvalidInput."""
-    message = str(exc)
-    head, sep, rest = message.partition(": ")
-    if sep and head.replace(".", "").replace("_", "").isalnum() and "." in head:
-        return InvalidInput(head, rest)
-    return InvalidInput(default_field, message)
 
 
 def resolve_data_path(path: str, roots: Sequence[Path]) -> Path:
@@ -72,7 +63,7 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
             # Checks the allow-list before anything is imported, then the import and the kwargs.
             build_model(spec.model, input_shape=(1,), output_dim=1, allowed_modules=settings.model_allowlist)
         except ModelError as exc:
-            raise _field_error(exc, "model.factory") from exc
+            raise InvalidInput(exc.field, exc.detail) from exc
         except Exception as exc:  # the user's factory failed: still the request's fault
             raise InvalidInput("model.factory", f"{spec.model.factory} failed: {type(exc).__name__}: {exc}") from exc
     task = spec.task
@@ -85,10 +76,8 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
         try:
             build(spec, data_root=settings.data_root, cache_dir=settings.cache_path,
                   allowed_modules=settings.model_allowlist)
-        except DatasetError as exc:
+        except SpecError as exc:  # DatasetError, ModelError: the field is theirs
             raise InvalidInput(exc.field, exc.detail) from exc
-        except ModelError as exc:
-            raise _field_error(exc, "model") from exc
     return spec
 
 

@@ -31,8 +31,9 @@ from service import jobs, registry
 from service.config import Settings
 from service.db import Job
 from service.metrics import ServiceMetrics
+from workers.errors import TrainingError
 from workers.spec import JobSpec
-from workers.training import TrainingError, TrainResult
+from workers.training import TrainResult
 
 logger = logging.getLogger(__name__)
 _MAX_ERROR_CHARS = 4000

@@ -14,7 +14,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from starlette.types import Receive, Scope, Send
 
-from workers.training import TrainingError
+from workers.errors import TrainingError
 
 
 def fuzz_runner(spec, **kwargs):

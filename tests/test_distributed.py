@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from workers.checkpoint import latest_checkpoint, list_checkpoints
+from workers.errors import TrainingError
 from workers.spec import JobSpec
-from workers.training import TrainingError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -144,7 +144,7 @@ def test_relaunching_a_killed_launcher_resumes_from_the_last_checkpoint(cluster,
 
 
 def test_a_group_the_cluster_cannot_place_fails_naming_the_resources(cluster, tmp_path: Path) -> None:
-    from workers.training import WorkerError
+    from workers.errors import WorkerError
 
     spec = _spec(resources={"workers": 1, "gpus_per_worker": 1})  # this cluster has no GPU
     start = time.monotonic()

@@ -13,9 +13,10 @@ from torch import nn
 from workers import meta_gradient
 from workers.aggregator import GradientSum, mean
 from workers.engine import shard_meta_gradient as engine_shard
+from workers.errors import NonFiniteLossError
 from workers.fast import fused_net, maml_shard, shard_meta_gradient
 from workers.fast.plan import plan_of
-from workers.inner import NonFiniteLossError, split_state
+from workers.inner import split_state
 from workers.maml import maml_task, maml_task_autograd
 from workers.models import MLP, Conv4
 from workers.tasks.base import Task

@@ -211,7 +211,7 @@ def test_user_factory_module_with_buffers_is_untouched_and_deterministic() -> No
 
 
 def test_factory_outside_allow_list_is_refused() -> None:
-    from workers.models import ModelError
+    from workers.errors import ModelError
     with pytest.raises(ModelError, match="model.factory.*allow-list"):
         build_model(ModelSpec(factory="os.path:join"), input_shape=(1,), output_dim=1, allowed_modules=["mymodels"])
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from workers.checkpoint import latest_checkpoint
+from workers.errors import TrainingError
 from workers.rl import RLConfig, RLTrainer, adapt_exported, adapt_policy, load_policy, run_rl_training
 from workers.rl.trainer import build_family
-from workers.training import TrainingError
 
 TINY = dict(hidden=[8], meta_batch_size=3, rollouts=3, horizon=10, iterations=3, eval_every=1000, eval_tasks=2,
             eval_steps=1, checkpoint_every=1)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from workers.checkpoint import latest_checkpoint, list_checkpoints
+from workers.errors import TrainingError
 from workers.evaluation import mean_ci95
 from workers.spec import JobSpec
 from workers.tasks.sinusoid import SinusoidFamily
-from workers.training import Trainer, TrainingError
+from workers.training import Trainer
 
 
 def _spec(**overrides) -> JobSpec:

@@ -30,18 +30,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from workers.aggregator import GradientSum, flatten, unflatten
 from workers.checkpoint import Location
 from workers.engine import shard_meta_gradient
-from workers.inner import NonFiniteLossError, Params
+from workers.errors import NonFiniteLossError, WorkerError, WorkerLost
+from workers.inner import Params
 from workers.spec import JobSpec
-from workers.training import (
-    Reporter,
-    Trainer,
-    TrainResult,
-    WorkerError,
-    WorkerLost,
-    build,
-    engine_kwargs,
-    sample_shard,
-)
+from workers.training import Reporter, Trainer, TrainResult, build, engine_kwargs, sample_shard
 
 __all__ = ["RayExecutor", "ShardWorker", "WorkerError", "WorkerLost", "ensure_ray", "run_training"]
 

@@ -14,9 +14,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from workers.errors import NonFiniteLossError
 from workers.fast import fused
 from workers.fast.batched import fused_net
-from workers.inner import Forward, NonFiniteLossError, Params, evaluate, loss_function, sgd_adapt
+from workers.inner import Forward, Params, evaluate, loss_function, sgd_adapt
 from workers.reptile import reptile_task
 from workers.tasks.base import LossName, Task, TaskFamily
 

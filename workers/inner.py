@@ -13,14 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from workers.errors import NonFiniteLossError
 from workers.tasks.base import LossName
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; training stops rather than corrupting the parameters."""
 
 
 def loss_function(name: LossName) -> LossFn:

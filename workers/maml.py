@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.errors import NonFiniteLossError
 from workers.fast import fused_net, maml_shard
-from workers.inner import Forward, NonFiniteLossError, Params, evaluate, loss_function, sgd_adapt
+from workers.inner import Forward, Params, evaluate, loss_function, sgd_adapt
 from workers.tasks.base import LossName, Task
 
 

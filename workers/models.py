@@ -12,11 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from workers.errors import ModelError
 from workers.spec import ModelSpec
-
-
-class ModelError(ValueError):
-    """A model spec that cannot be built; the message names the field."""
 
 
 class MLP(nn.Module):
@@ -64,7 +61,7 @@ class Conv4(nn.Module):
         for _ in range(4):
             side //= 2
         if side < 1:
-            raise ModelError(f"task.image_size: {image_size} is too small for 4 pooling layers (need >= 16)")
+            raise ModelError("task.image_size", f"{image_size} is too small for 4 pooling layers (need >= 16)")
         self.head = nn.Linear(filters * side * side, ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,16 +76,16 @@ def load_factory(path: str, allowed_modules: Iterable[str] | None = None):
         allowed = [m for m in allowed_modules if m]
         if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
             raise ModelError(
-                f"model.factory: module '{module_name}' is not in the server's allow-list "
+                "model.factory", f"module '{module_name}' is not in the server's allow-list "
                 f"({', '.join(allowed) or 'empty'}); set MAML_MODEL_ALLOWLIST to permit it"
             )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"model.factory: cannot import module '{module_name}': {exc}") from exc
+        raise ModelError("model.factory", f"cannot import module '{module_name}': {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ModelError(f"model.factory: '{module_name}' has no callable '{attr}'")
+        raise ModelError("model.factory", f"'{module_name}' has no callable '{attr}'")
     return fn
 
 
@@ -105,9 +102,9 @@ def build_model(
         try:
             model = fn(**spec.kwargs)
         except TypeError as exc:
-            raise ModelError(f"model.kwargs: {spec.factory} refused them: {exc}") from exc
+            raise ModelError("model.kwargs", f"{spec.factory} refused them: {exc}") from exc
         if not isinstance(model, nn.Module):
-            raise ModelError(f"model.factory: {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+            raise ModelError("model.factory", f"{spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
         return model
     if spec.name == "mlp":
         in_features = 1
@@ -116,8 +113,8 @@ def build_model(
         return MLP(in_features, spec.hidden, output_dim)
     if spec.name == "conv4":
         if len(input_shape) != 3:
-            raise ModelError(f"model.name: conv4 needs image inputs (C, H, W), the task gives {input_shape}")
+            raise ModelError("model.name", f"conv4 needs image inputs (C, H, W), the task gives {input_shape}")
         channels, height, _ = input_shape
         filters = spec.filters or (64 if channels == 1 else 32)
         return Conv4(channels, output_dim, filters, height)
-    raise ModelError(f"model.name: unknown model '{spec.name}'")
+    raise ModelError("model.name", f"unknown model '{spec.name}'")

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from workers.inner import Forward, NonFiniteLossError, Params, evaluate, loss_function
+from workers.errors import NonFiniteLossError
+from workers.inner import Forward, Params, evaluate, loss_function
 from workers.tasks.base import LossName, Task
 
 ADAM_BETAS = (0.0, 0.999)  # Reptile paper, appendix: Adam with beta1 = 0

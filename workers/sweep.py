@@ -64,8 +64,9 @@ from pydantic import (
     model_validator,
 )
 
+from workers.errors import WorkerLost
 from workers.spec import JobSpec
-from workers.training import Trainer, WorkerLost
+from workers.training import Trainer
 
 __all__ = [
     "Domain",

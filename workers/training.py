@@ -21,8 +21,9 @@ from torch import nn
 from workers.aggregator import GradientSum, apply_meta_update, mean
 from workers.checkpoint import Checkpoint, Location, latest_checkpoint, save_checkpoint, save_export
 from workers.engine import shard_meta_gradient
+from workers.errors import NonFiniteLossError, TrainingError, WorkerError, WorkerLost
 from workers.evaluation import meta_test
-from workers.inner import NonFiniteLossError, Params
+from workers.inner import Params
 from workers.models import build_model
 from workers.spec import JobSpec
 from workers.tasks import TaskFamily, build_task_family
@@ -30,22 +31,6 @@ from workers.tasks.base import Task, shard_indices
 
 logger = logging.getLogger(__name__)
 Reporter = Callable[[int, dict[str, float]], None]
-
-
-class WorkerError(RuntimeError):
-    """A worker failed computing its shard; the message carries the cause."""
-
-
-class WorkerLost(WorkerError):
-    """A worker process died (killed, out of memory, node lost): its group can be restarted."""
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on an error; ``iteration`` is the meta-iteration that failed."""
-
-    def __init__(self, message: str, iteration: int) -> None:
-        super().__init__(message)
-        self.iteration = iteration
 
 
 def torch_dtype(spec: JobSpec) -> torch.dtype:

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from workers.aggregator import GradientSum
+from workers.errors import NonFiniteLossError
 from workers.fast import folded, fused
 from workers.fast.plan import Plan, plan_of
-from workers.inner import NonFiniteLossError, Params
+from workers.inner import Params
 from workers.tasks.base import LossName, Task
 
 QueryPath = Literal["auto", "fused", "folded"]

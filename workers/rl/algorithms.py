@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from workers.aggregator import GradientSum, flatten, mean, unflatten
-from workers.inner import NonFiniteLossError, Params
+from workers.errors import NonFiniteLossError
+from workers.inner import Params
 from workers.rl.envs import EnvFamily
 from workers.rl.policy import batched_mean, distribution, gaussian_kl, gaussian_log_prob
 

@@ -28,7 +28,8 @@ import torch
 
 from workers.aggregator import apply_meta_update
 from workers.checkpoint import Checkpoint, Location, latest_checkpoint, save_checkpoint, save_export
-from workers.inner import NonFiniteLossError, Params
+from workers.errors import NonFiniteLossError, TrainingError, WorkerError, WorkerLost
+from workers.inner import Params
 from workers.rl.algorithms import (
     MetaObjective,
     TaskRollouts,
@@ -41,7 +42,7 @@ from workers.rl.config import RLConfig
 from workers.rl.envs import EnvFamily, build_env_family, sample_tasks
 from workers.rl.policy import GaussianMLPPolicy
 from workers.tasks.base import Split, shard_indices
-from workers.training import Reporter, TrainingError, TrainResult, WorkerError, WorkerLost
+from workers.training import Reporter, TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from workers.errors import DatasetError
 from workers.spec import ImageFolderTask, OmniglotTask, SinusoidTask
 from workers.tasks.base import Task, TaskFamily
-from workers.tasks.errors import DatasetError
 
 __all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family", "default_cache_dir",
            "default_data_root"]

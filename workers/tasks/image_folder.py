@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.errors import DatasetError
 from workers.spec import ImageFolderTask
 from workers.tasks.base import LossName, Split, Task, task_rng
-from workers.tasks.errors import DatasetError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})

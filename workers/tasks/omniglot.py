@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.errors import DatasetError
 from workers.spec import OmniglotTask
 from workers.tasks.base import LossName, Split, Task, task_rng
-from workers.tasks.errors import DatasetError
 
 try:
     import fcntl
