@@ -37,7 +37,8 @@ import ray
 import torch
 
 from workers.distributed import ensure_ray
-from workers.sweep import SweepSpec, TrialInfo, run_sweep
+from workers.sweep import run_sweep
+from workers.sweep_spec import SweepSpec, TrialInfo
 
 RESULTS = Path(__file__).parent / "results"
 CPUS = 2

@@ -111,7 +111,7 @@ class JobMetric(Base):
 
 
 class Sweep(Base):
-    """A hyperparameter sweep: its spec (``workers.sweep.SweepSpec``) and the latest trial snapshot.
+    """A hyperparameter sweep: its spec (``workers.sweep_spec.SweepSpec``) and the latest trial snapshot.
 
     Tune's own state (what a resume restores from) lives in ``storage/sweeps/<id>/tune``.
     """
@@ -123,7 +123,7 @@ class Sweep(Base):
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default="queued")  # JOB_STATUSES
-    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # workers.sweep.TrialInfo dumps
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # workers.sweep_spec.TrialInfo dumps
     best_trial_id: Mapped[str | None] = mapped_column(String(64))
     model_id: Mapped[str | None] = mapped_column(String(36))
     error: Mapped[str | None] = mapped_column(Text)

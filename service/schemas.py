@@ -1,6 +1,6 @@
 """Public schemas of the API, by resource: ``XCreate`` (input), ``XPublic`` (output), ``XsPublic(data, count)``.
 
-``JobCreate`` *is* ``workers.spec.JobSpec`` and ``SweepCreate`` *is* ``workers.sweep.SweepSpec``: each
+``JobCreate`` *is* ``workers.spec.JobSpec`` and ``SweepCreate`` *is* ``workers.sweep_spec.SweepSpec``: each
 specification has one definition, shared by the API, the CLI and the workers.
 """
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.db import ApiKey, Job, Model, Sweep
 from workers.spec import JobSpec
-from workers.sweep import SweepSpec, TrialStatus
+from workers.sweep_spec import SweepSpec, TrialStatus
 
 JobCreate = JobSpec
 ModelKind = Literal["regression", "classification", "rl_policy"]
@@ -98,7 +98,7 @@ class MetricsPublic(BaseModel):
 
 
 class TrialPublic(BaseModel):
-    """One trial of a sweep (``workers.sweep.TrialInfo`` without the server's paths)."""
+    """One trial of a sweep (``workers.sweep_spec.TrialInfo`` without the server's paths)."""
 
     trial_id: str
     status: TrialStatus = Field(description="pending, running, paused, completed, stopped_early (by the "

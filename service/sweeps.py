@@ -1,6 +1,6 @@
 """Sweeps: the submission policy, data access, and the manager that runs them on Ray Tune.
 
-A sweep is a ``workers.sweep.SweepSpec`` (a base job, a search space, a scheduler). The manager
+A sweep is a ``workers.sweep_spec.SweepSpec`` (a base job, a search space, a scheduler). The manager
 drives ``workers.sweep.run_sweep`` on a bounded pool of threads and turns it into database state:
 
 * ``on_trial_update`` writes the trial snapshot (at once when a trial's status changes, otherwise
@@ -38,7 +38,8 @@ from service.db import TERMINAL_STATUSES, Sweep, utcnow
 from service.errors import Conflict, InvalidInput, NotFound
 from service.manager import describe_error
 from service.schemas import finite_metrics
-from workers.sweep import EXPERIMENT_DIR, SweepInterrupted, SweepSpec, TrialInfo, apply_config, run_sweep
+from workers.sweep import EXPERIMENT_DIR, SweepInterrupted, run_sweep
+from workers.sweep_spec import SweepSpec, TrialInfo, apply_config
 
 logger = logging.getLogger(__name__)
 _MAX_ERROR_CHARS = 4000

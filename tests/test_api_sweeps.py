@@ -27,7 +27,7 @@ from service import sweeps
 from service.config import Settings
 from service.db import Sweep, _sqlite_pragmas, init_db, make_engine, make_session_factory
 from service.schemas import SweepPublic
-from workers.sweep import SweepSpec
+from workers.sweep_spec import SweepSpec
 
 API = "/api/v1"
 TESTS = Path(__file__).parent

@@ -92,7 +92,7 @@ def test_cli_sweeps_list_watch_and_a_bad_space(server: str, tmp_path: Path) -> N
     from service.cli import trials_table, watch_sweep
     from service.client import Client
     from service.db import make_engine, make_session_factory
-    from workers.sweep import SweepSpec
+    from workers.sweep_spec import SweepSpec
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": {"outer": {"iterations": 10}},

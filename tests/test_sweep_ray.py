@@ -25,7 +25,8 @@ def cluster():
 
 
 def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(cluster, tmp_path: Path) -> None:
-    from workers.sweep import SweepSpec, run_sweep
+    from workers.sweep import run_sweep
+    from workers.sweep_spec import SweepSpec
 
     # Grid order is deterministic (the first path, "model", varies fastest): good (outer.lr 0.001),
     # broken, bad (outer.lr 0.1: eval/loss 7.3 against 6.05 at iteration 1, same seed), broken. The
@@ -87,7 +88,8 @@ CHILD = """
 import json, os, sys
 from pathlib import Path
 from workers.distributed import ensure_ray
-from workers.sweep import SweepSpec, run_sweep
+from workers.sweep import run_sweep
+from workers.sweep_spec import SweepSpec
 
 ensure_ray(num_cpus=2)
 root = Path(sys.argv[1])
@@ -108,7 +110,8 @@ def test_sweep_killed_with_its_service_resumes_from_tune_state(cluster, tmp_path
     import subprocess
     import sys
 
-    from workers.sweep import SweepSpec, run_sweep
+    from workers.sweep import run_sweep
+    from workers.sweep_spec import SweepSpec
 
     sweep = SweepSpec.model_validate({
         "name": "resume",

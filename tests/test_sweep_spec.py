@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from workers.spec import JobSpec
-from workers.sweep import SweepSpec, apply_config, sweep_metrics, trial_count
+from workers.sweep_spec import SweepSpec, apply_config, sweep_metrics, trial_count
 
 BASE = {"outer": {"iterations": 50}}
 

@@ -1,35 +1,12 @@
-"""Hyperparameter sweeps on Ray Tune: a search space over ``JobSpec`` field paths, early stopping.
+"""Hyperparameter sweeps on Ray Tune: the driver.
 
-A sweep is a base ``JobSpec`` plus a search space keyed by field path (``"inner.lr"``,
-``"inner.steps"``, ``"model"``), a metric the trainer reports, a scheduler (ASHA or the median
-stopping rule) and a number of samples. ``SweepSpec`` validates all of it against ``JobSpec``
-itself: every range bound and every choice is applied to the base spec and validated, so a value
-the job API would refuse is refused here, naming the field.
-
-Execution follows the Ray 2.60 pattern for Tune over Train V2: ``Tuner`` runs a *function
-trainable* (``_trial``) per configuration, and the function launches the trial's trainer. A
-one-worker trial runs ``workers.training.Trainer`` in the trial's own actor ("in_process"); a
-trial whose spec asks for several workers drives ``workers.distributed.RayExecutor`` shard
-actors placed in the trial's placement group ("distributed"). ``benchmarks/sweep.py`` measures
-both: a trial's start is dominated by starting a Python process that imports torch and builds
-the trainer (the first optimizer imports ``torch._dynamo``), which the distributed launch pays
-twice (the trial actor and its shard actor). So ``launch="auto"`` runs one-worker trials in
-process, and Tune's ``reuse_actors`` (on by default) hands a finished or stopped trial's warm
-actor to the next trial, which then starts in a fraction of a second.
-
-Each trial reports at every evaluation (``eval.every`` meta-iterations) with a Tune checkpoint
-holding its training checkpoint; the final report also holds the exported model
-(``model/model.safetensors`` + ``model/model.json``, as ``Trainer.export`` writes). Schedulers
-compare trials on the meta-iteration (``iteration``), so ``grace_period`` is in meta-iterations.
+``run_sweep`` runs a ``workers.sweep_spec.SweepSpec`` on Ray Tune: ``Tuner`` runs
+``workers.sweep_trial.run_trial`` per configuration with the sweep's scheduler (ASHA or the median
+stopping rule), turns Tune's trial events into ``TrialInfo`` snapshots for the control plane,
+stops every trial on a cancel, and interrupts resumably on a service shutdown.
 
 Example::
 
-    sweep = SweepSpec.model_validate({
-        "base": {"outer": {"iterations": 200}, "eval": {"every": 20, "tasks": 20}},
-        "space": {"inner.lr": {"loguniform": [0.001, 0.5]}, "inner.steps": {"choice": [1, 3, 5]}},
-        "scheduler": {"type": "asha", "grace_period": 20},
-        "num_samples": 8,
-    })
     result = run_sweep(sweep, storage_dir=Path("runs/sweep-1"), on_trial_update=print)
     result.best_model_dir   # runs/sweep-1/tune/trial_<id>/checkpoint_<n>/model
 """
@@ -37,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import shutil
@@ -47,51 +23,21 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
-import torch
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    FiniteFloat,
-    StrictInt,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError
 
-from workers.errors import WorkerLost
-from workers.spec import JobSpec
-from workers.training import Trainer
+from workers.sweep_spec import SweepSpec, TrialInfo, TrialStatus, apply_config, plain
+from workers.sweep_trial import run_trial, trial_resources
 
-__all__ = [
-    "Domain",
-    "SchedulerSpec",
-    "SweepError",
-    "SweepInterrupted",
-    "SweepResult",
-    "SweepSpec",
-    "TrialInfo",
-    "TrialStatus",
-    "apply_config",
-    "run_sweep",
-    "sweep_metrics",
-    "trial_count",
-]
+__all__ = ["EXPERIMENT_DIR", "SweepError", "SweepInterrupted", "SweepResult", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_DIR = "tune"  # the Tune experiment folder under a sweep's storage_dir
-_DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
-# Metrics present in every report (reports happen at evaluations), by task kind.
-_REGRESSION_METRICS = ("eval/loss", "eval/loss_before", "meta/loss", "meta/loss_before", "inner/loss_before")
-_CLASSIFICATION_METRICS = ("eval/accuracy", "eval/accuracy_before", "meta/accuracy", "meta/accuracy_before")
-_MAX_TRIALS = 10_000
 _POLL_S = 0.5  # how often should_stop() is asked
+_TUNE_STATUS: dict[str, TrialStatus] = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused",
+                                        "ERROR": "failed"}
 
 
 class SweepError(RuntimeError):
@@ -111,255 +57,6 @@ class _Interrupt(Exception):
     """Raised inside Tune's loop (from a callback) to leave it through Tune's own clean-up."""
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Domain(_Spec):
-    """Where one field's values come from: exactly one of the five keys."""
-
-    loguniform: tuple[FiniteFloat, FiniteFloat] | None = Field(
-        None, description="[low, high]: log-uniform floats, 0 < low <= high")
-    uniform: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="[low, high]: uniform floats")
-    randint: tuple[StrictInt | FiniteFloat, StrictInt | FiniteFloat] | None = Field(
-        None, description="[low, high]: uniform integers, both bounds included")
-    choice: list[Any] | None = Field(
-        None, min_length=1, max_length=1000, description="values drawn uniformly at random, one per sample")
-    grid: list[Any] | None = Field(
-        None, min_length=1, max_length=1000,
-        description="every value is run (grid axes multiply; each grid point runs num_samples times)")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Domain:
-        given = [k for k in _DOMAINS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(_DOMAINS)} (got {', '.join(given) or 'none'})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in _DOMAINS if getattr(self, k) is not None)
-
-    @property
-    def value(self) -> Any:
-        return getattr(self, self.kind)
-
-    @model_serializer(mode="plain")
-    def _dump(self) -> dict[str, Any]:
-        # {"loguniform": [0.001, 0.5]}: the form the API accepts, not five keys with four nulls.
-        value = self.value
-        return {self.kind: list(value) if isinstance(value, tuple) else value}
-
-
-class SchedulerSpec(_Spec):
-    """Early stopping: ASHA (Li et al., 2020), the median stopping rule (Golovin et al., 2017), or none."""
-
-    type: Literal["asha", "median", "none"] = Field(
-        "asha", description="asha: successive halving at rungs; median: stop below the running median; none")
-    grace_period: int = Field(
-        1, ge=1, le=10_000_000,
-        description="meta-iterations a trial runs before it can be stopped (compared at evaluations)")
-    reduction_factor: float = Field(
-        2.0, gt=1, le=100, description="asha: keep the best 1/reduction_factor of trials at each rung")
-    min_samples_required: int = Field(
-        3, ge=1, le=10_000, description="median: trials needed at an iteration before one is compared")
-
-
-class SweepSpec(_Spec):
-    """A hyperparameter sweep. ``SweepSpec.model_validate(json)`` validates the space against ``base``."""
-
-    name: str = Field("sweep", min_length=1, max_length=200, description="a human-readable name")
-    base: JobSpec = Field(default_factory=lambda: JobSpec.model_validate({}),
-                          description="the job every trial starts from")
-    space: dict[str, Domain] = Field(
-        description="field path ('inner.lr', 'inner.steps', 'model') -> its domain; must not be empty")
-    metric: str | None = Field(
-        None, max_length=100,
-        description="reported metric to optimise (default: eval/loss for regression, eval/accuracy for "
-                    "classification)")
-    mode: Literal["min", "max"] | None = Field(
-        None, description="min or max (default: max for accuracies, min otherwise)")
-    scheduler: SchedulerSpec = Field(default_factory=lambda: SchedulerSpec.model_validate({}),
-                                     description="early stopping")
-    num_samples: int = Field(
-        4, ge=1, le=_MAX_TRIALS, description="samples drawn from the space (each grid point runs this many)")
-    max_concurrent_trials: int | None = Field(
-        None, ge=1, le=1024, description="trials run at once (default: as many as the cluster's CPUs allow)")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the sampling of the space")
-
-    @field_validator("space")
-    @classmethod
-    def _check_space(cls, space: dict[str, Domain], info: ValidationInfo) -> dict[str, Domain]:
-        if not space:
-            raise ValueError("space: must not be empty")
-        base = info.data.get("base")
-        if base is None:  # base itself is invalid: its own error names it
-            return space
-        problems = [p for path, domain in space.items() for p in _check_domain(base, path, domain)]
-        for path in space:
-            # "model" and "model.kwargs.mode" would both set the same value: which wins is arbitrary.
-            problems += [f"space.{path}: overlaps space.{other}" for other in space
-                         if path.startswith(other + ".")]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return space
-
-    @field_validator("metric")
-    @classmethod
-    def _check_metric(cls, metric: str | None, info: ValidationInfo) -> str | None:
-        base = info.data.get("base")
-        if metric is not None and base is not None and metric not in sweep_metrics(base):
-            raise ValueError(f"metric: {metric!r} is not reported; choose one of {', '.join(sweep_metrics(base))}")
-        return metric
-
-    @model_validator(mode="after")
-    def _resolve(self) -> SweepSpec:
-        if self.metric is None:
-            self.metric = "eval/accuracy" if self.base.is_classification else "eval/loss"
-        if self.mode is None:
-            self.mode = "max" if "accuracy" in self.metric else "min"
-        if self.scheduler.type != "none" and "outer.iterations" not in self.space:
-            total = self.base.outer.iterations
-            if self.scheduler.grace_period >= total:
-                raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} is not below "
-                                 f"outer.iterations ({total}): no trial could be stopped early")
-        if trial_count(self) > _MAX_TRIALS:
-            raise ValueError(f"num_samples: {trial_count(self)} trials (num_samples x grid points) is above "
-                             f"{_MAX_TRIALS}")
-        return self
-
-
-def sweep_metrics(spec: JobSpec) -> tuple[str, ...]:
-    """The metrics in every trial report of ``spec``: those a sweep may optimise."""
-    return _REGRESSION_METRICS + (_CLASSIFICATION_METRICS if spec.is_classification else ())
-
-
-def trial_count(sweep: SweepSpec) -> int:
-    """How many trials the sweep runs: num_samples times the number of grid points."""
-    return sweep.num_samples * math.prod(len(d.grid) for d in sweep.space.values() if d.grid is not None)
-
-
-# -- field paths ---------------------------------------------------------------------------------
-
-
-def _field_at(base: JobSpec, path: str) -> tuple[bool, bool]:
-    """Does ``path`` address a field of ``base``, and is it an integer field (``int`` or ``int | None``)?
-
-    Walks the spec's actual values, so ``task.ways`` resolves against the base's task family; a
-    free-form dict field (``model.kwargs``) accepts any key one level below it.
-    """
-    node: Any = base
-    annotation: Any = None
-    for part in path.split("."):
-        if isinstance(node, BaseModel):
-            fields = type(node).model_fields
-            if part not in fields:
-                return False, False
-            annotation, node = fields[part].annotation, getattr(node, part)
-        elif isinstance(node, dict):
-            annotation, node = None, node.get(part)
-        else:
-            return False, False
-    args = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
-    return True, bool(args) and args <= {int, type(None)} and int in args
-
-
-def _check_domain(base: JobSpec, path: str, domain: Domain) -> list[str]:
-    where = f"space.{path}"
-    known, is_int = _field_at(base, path) if path else (False, False)
-    if not known:
-        return [f"{where}: unknown field"]
-    kind, value = domain.kind, domain.value
-    problems = []
-    if kind in ("loguniform", "uniform", "randint"):
-        low, high = value
-        if low > high:
-            problems.append(f"{where}: low {low} above high {high}")
-        if kind == "randint" and not all(isinstance(b, int) for b in value):
-            problems.append(f"{where}: randint bounds must be integers, got {low} and {high}")
-        if kind == "loguniform" and low <= 0:
-            problems.append(f"{where}: loguniform needs low > 0, got {low}")
-        if kind != "randint" and is_int:
-            problems.append(f"{where}: {kind} samples floats but the field takes integers; use randint")
-        candidates = [low, high]
-    else:
-        candidates = list(value)
-    if problems:
-        return problems
-    for candidate in candidates:
-        try:
-            apply_config(base, {path: candidate})
-        except ValidationError as exc:
-            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {_message(e)}"
-                                for e in exc.errors())
-            problems.append(f"{where}: {json.dumps(candidate, default=str)} is refused: {reasons}")
-    return problems
-
-
-def _message(error: Any) -> str:
-    msg = str(error["msg"])
-    return msg.removeprefix("Value error, ")
-
-
-def _plain(value: Any) -> Any:
-    """Tune samples numpy scalars; specs and JSON want Python ones."""
-    if hasattr(value, "item") and type(value).__module__ == "numpy":
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def apply_config(base: JobSpec, config: dict[str, Any]) -> JobSpec:
-    """``base`` with each field path of ``config`` set to its value, validated as a new ``JobSpec``.
-
-    Raises ``pydantic.ValidationError`` when the result is not a valid spec (the location names
-    the field). A sub-model path (``"model"``) replaces that whole section.
-    """
-    data = base.model_dump(mode="python")
-    for path, value in config.items():
-        *parents, leaf = path.split(".")
-        node = data
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[leaf] = _plain(value)
-    return JobSpec.model_validate(data)
-
-
-# -- trial state -----------------------------------------------------------------------------------
-
-TrialStatus = Literal["pending", "running", "paused", "completed", "stopped_early", "failed", "cancelled"]
-_TUNE_STATUS: dict[str, TrialStatus] = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused",
-                                        "ERROR": "failed"}
-
-
-class TrialInfo(BaseModel):
-    """One trial as the control plane shows it.
-
-    Status from Tune's: PENDING -> pending, RUNNING -> running, PAUSED -> paused, ERROR -> failed,
-    TERMINATED -> completed (ran all its iterations), stopped_early (the scheduler stopped it) or
-    cancelled (the sweep was cancelled while it ran or waited).
-    """
-
-    trial_id: str = Field(description="Tune's trial id")
-    status: TrialStatus = Field(description="see the class docstring")
-    config: dict[str, Any] = Field(description="the sampled value of each field path of the space")
-    iteration: int = Field(0, description="meta-iterations done at the last report")
-    total_iterations: int = Field(description="meta-iterations the trial runs if not stopped")
-    reports: int = Field(0, description="reports received (one per evaluation)")
-    metric: float | None = Field(None, description="the sweep metric at the last report")
-    best_metric: float | None = Field(None, description="the best value of the sweep metric over all reports")
-    metrics: dict[str, float] = Field(default_factory=dict, description="the last report's metrics")
-    error: str | None = Field(None, description="why a failed trial failed")
-    model_dir: str | None = Field(None, description="completed trials: the exported model folder")
-    start_s: float | None = Field(None, description="seconds from the trial's actor start to its first report")
-    run_s: float | None = Field(None, description="seconds from the trial's actor start to its last report")
-
 
 class SweepResult(BaseModel):
     trials: list[TrialInfo] = Field(description="every trial, in creation order")
@@ -378,122 +75,6 @@ class SweepResult(BaseModel):
         return out
 
 
-# -- the trial ---------------------------------------------------------------------------------------
-
-
-class _TuneReporter:
-    """The trainer's reporter inside a trial: ``tune.report`` at every evaluation, with a Tune
-    checkpoint when ``checkpoint.every`` iterations have passed since the last one, and always at
-    the end (that one also holds the exported model)."""
-
-    def __init__(self, spec: JobSpec, run_dir: Path, entered: float) -> None:
-        self.spec, self.run_dir, self.entered = spec, run_dir, entered
-        self.trainer: Trainer | None = None
-        self.setup_s = 0.0
-        self.train_s = 0.0
-        self.since = time.perf_counter()
-        self.checkpointed = 0  # iteration of the last Tune checkpoint
-
-    def ready(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.checkpointed = trainer.iteration
-        self.setup_s = time.perf_counter() - self.entered
-        self.since = time.perf_counter()
-
-    def __call__(self, iteration: int, metrics: dict[str, float]) -> None:
-        from ray import tune
-
-        if self.trainer is None:
-            raise RuntimeError("the reporter was called before its trainer was ready")
-        self.train_s += time.perf_counter() - self.since
-        result = {**metrics, "iteration": iteration, "perf/setup_s": self.setup_s, "perf/train_s": self.train_s}
-        final = iteration >= self.spec.outer.iterations
-        if not final and iteration - self.checkpointed < self.spec.checkpoint.every:
-            tune.report(result)
-        else:
-            saved = self.trainer.checkpoint()
-            out = self.run_dir / f"report-{iteration:08d}"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(saved, out / "checkpoints" / saved.name)
-            if final:
-                # A scheduler's STOP at max_t may end the trial before Trainer.run's own export.
-                self.trainer.export(out / "model")
-            # Tune copies the folder to the sweep's storage before this returns; it then blocks until
-            # the driver asks for the next result (and ends this thread if the trial was stopped).
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(out)))
-            shutil.rmtree(out, ignore_errors=True)
-            self.checkpointed = iteration
-        self.since = time.perf_counter()
-
-
-def _trial(config: dict[str, Any], *, base: dict[str, Any], launch: str, scratch_dir: str, data_root: str | None,
-           cache_dir: str | None, allowed_modules: list[str] | None, max_restarts: int = 3) -> None:
-    """The function trainable: one configuration, trained to its end (or until Tune stops it)."""
-    from ray import tune
-
-    entered = time.perf_counter()
-    spec = apply_config(JobSpec.model_validate(base), config)
-    torch.set_num_threads(spec.resources.threads_per_worker)
-    # The trainer's own folder is scratch, outside Tune's trial folder (Tune syncs that one while the
-    # trainer rotates checkpoints in it); Tune's checkpoints are what a resume starts from.
-    run_dir = Path(scratch_dir) / tune.get_context().get_trial_id()
-    shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of a crash are not what Tune resumes from
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            shutil.copytree(Path(folder) / "checkpoints", run_dir / "checkpoints")
-    root = Path(data_root) if data_root else None
-    cache = Path(cache_dir) if cache_dir else None
-    factory = None
-    device = None
-    if _launch_for(spec, launch) == "distributed":
-        from workers.distributed import RayExecutor
-
-        def factory(s: JobSpec, family: Any, model: Any) -> RayExecutor:
-            # Shard actors land in this trial's placement group (Tune captures child actors).
-            return RayExecutor(s, data_root=root, cache_dir=cache, allowed_modules=allowed_modules)
-    elif spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
-        device = torch.device("cuda")
-    reporter = _TuneReporter(spec, run_dir, entered)
-    restarts = 0
-    while True:
-        # Only evaluations report (every report must carry the sweep metric); the last iteration
-        # always evaluates.
-        trainer = Trainer(spec, run_dir=run_dir, reporter=reporter, executor_factory=factory,
-                          allowed_modules=allowed_modules, report_every=spec.outer.iterations + 1,
-                          device=device, data_root=root, cache_dir=cache)
-        reporter.ready(trainer)
-        try:
-            trainer.run()
-            break
-        except WorkerLost as exc:  # a shard actor died: restart the group from the last checkpoint
-            restarts += 1
-            if restarts > max_restarts:
-                raise
-            logger.warning("trial %s: %s; restarting its workers (%d/%d)", tune.get_context().get_trial_id(),
-                           exc, restarts, max_restarts)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the model and checkpoints now live in Tune's checkpoints
-
-
-def _launch_for(spec: JobSpec, launch: str) -> str:
-    if launch == "auto":
-        return "in_process" if spec.resources.workers == 1 else "distributed"
-    return launch
-
-
-def _resources(base: dict[str, Any], launch: str) -> Callable[[dict[str, Any]], Any]:
-    def request(config: dict[str, Any]) -> Any:
-        from ray.tune import PlacementGroupFactory
-
-        spec = apply_config(JobSpec.model_validate(base), config)
-        res = spec.resources
-        bundle = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-        if _launch_for(spec, launch) == "in_process":
-            return PlacementGroupFactory([bundle])
-        # An empty head bundle for the trial's driver thread, one bundle per shard actor.
-        return PlacementGroupFactory([{}] + [bundle] * res.workers)
-
-    return request
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -668,7 +249,7 @@ def _trial_error(trial: Any) -> str:
 
 def _trial_info(trial: Any, hooks: _Hooks) -> TrialInfo:
     sweep = hooks.sweep
-    config = {k: _plain(v) for k, v in trial.config.items()}
+    config = {k: plain(v) for k, v in trial.config.items()}
     try:
         total = apply_config(sweep.base, config).outer.iterations
     except ValidationError:
@@ -806,11 +387,11 @@ def run_sweep(
     base = sweep.base.model_dump(mode="json")
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, base=base, launch=launch, scratch_dir=str(scratch),
+            run_trial, base=base, launch=launch, scratch_dir=str(scratch),
             data_root=str(Path(data_root).resolve()) if data_root else None,
             cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None,
             allowed_modules=list(allowed_modules) if allowed_modules is not None else None),
-        _resources(base, launch))
+        trial_resources(base, launch))
     param_space = _param_space(sweep)
     hooks = _Hooks(sweep=sweep, on_trial_update=on_trial_update, should_stop=should_stop, path=experiment,
                    should_interrupt=should_interrupt)
