@@ -43,7 +43,7 @@ from service.errors import Conflict, InvalidInput, NotFound, Saturated
 from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
-from workers.errors import ModelError, NonFiniteLossError
+from workers.errors import ModelError, NonFiniteLossError, SpecError
 from workers.evaluation import adapt, predict
 from workers.inner import Params
 from workers.models import build_model
@@ -397,9 +397,8 @@ class Adapter:
         try:
             result = adapt_exported(model.path, request.task[key], rollouts=request.rollouts, steps=request.steps,
                                     lr=request.lr, horizon=request.horizon)
-        except ValueError as exc:  # its message starts with the field: "task.goal: ... is outside ..."
-            field_name, _, reason = str(exc).partition(": ")
-            raise InvalidInput(field_name if reason else "task", reason or str(exc)) from None
+        except SpecError as exc:  # a task outside its space, a count over the limits
+            raise InvalidInput(exc.field, exc.detail) from None
         if not all(np.isfinite(r) for r in result.returns):
             raise InvalidInput("lr", "adaptation diverged (non-finite returns); use a smaller lr")
         rl = model.spec.inner

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from workers.errors import SpecError
 from workers.inner import Params
 from workers.rl.algorithms import sample_adaptation
 from workers.rl.config import MAX_HORIZON, MAX_ROLLOUTS, RLConfig
@@ -55,7 +56,7 @@ def adapt_policy(policy: GaussianMLPPolicy, params: Params, family: EnvFamily, t
     """Adapt to ``task`` (a goal (x, y) for nav2d, a velocity or a direction for half-cheetah).
 
     ``rollouts``, ``steps``, ``lr`` and ``horizon`` default to the training config's. Raises
-    ValueError naming the field for a task outside its space or a count over the limits.
+    SpecError naming the field for a task outside its space or a count over the limits.
     """
     value = family.validate_task(task)
     rollouts = config.rollouts if rollouts is None else rollouts
@@ -63,13 +64,13 @@ def adapt_policy(policy: GaussianMLPPolicy, params: Params, family: EnvFamily, t
     lr = config.inner_lr if lr is None else lr
     horizon = config.episode_length if horizon is None else horizon
     if not 1 <= rollouts <= MAX_ROLLOUTS:
-        raise ValueError(f"rollouts: {rollouts} is outside 1..{MAX_ROLLOUTS}")
+        raise SpecError("rollouts", f"{rollouts} is outside 1..{MAX_ROLLOUTS}")
     if not 1 <= horizon <= MAX_HORIZON:
-        raise ValueError(f"horizon: {horizon} is outside 1..{MAX_HORIZON}")
+        raise SpecError("horizon", f"{horizon} is outside 1..{MAX_HORIZON}")
     if not 0 <= steps <= 10:
-        raise ValueError(f"steps: {steps} is outside 0..10")
+        raise SpecError("steps", f"{steps} is outside 0..10")
     if not (lr > 0 and np.isfinite(lr)):
-        raise ValueError(f"lr: {lr} must be a positive number")
+        raise SpecError("lr", f"{lr} must be a positive number")
     with torch.no_grad():
         params = {n: p.detach().clone() for n, p in params.items()}
     [out] = sample_adaptation(policy, params, family, value[None, :], [task_rng(seed, "test", 0, 0)],

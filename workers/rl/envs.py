@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from workers.errors import SpecError
 from workers.tasks.base import Split, task_rng
 
 FamilyName = Literal["nav2d", "halfcheetah_vel", "halfcheetah_dir"]
@@ -55,7 +56,7 @@ class EnvFamily(Protocol):
 
     def sample_task(self, rng: np.random.Generator) -> np.ndarray: ...  # (task_dim,)
 
-    def validate_task(self, task: object) -> np.ndarray: ...  # ValueError naming "task" if invalid
+    def validate_task(self, task: object) -> np.ndarray: ...  # SpecError naming the task field if invalid
 
     def make_env(self, tasks: np.ndarray, seeds: np.ndarray, horizon: int) -> VecEnv: ...
 
@@ -88,9 +89,9 @@ class Nav2D:
                  max_speed: float = 0.1, goal_tolerance: float = 0.01) -> None:
         goals = np.asarray(goals, dtype=np.float64)
         if goals.ndim != 2 or goals.shape[1] != 2:
-            raise ValueError(f"task: goals must have shape (E, 2), got {goals.shape}")
+            raise SpecError("task", f"goals must have shape (E, 2), got {goals.shape}")
         if reward not in ("squared", "distance"):
-            raise ValueError(f"reward: unknown nav2d reward '{reward}' (expected 'squared' or 'distance')")
+            raise SpecError("reward", f"unknown nav2d reward '{reward}' (expected 'squared' or 'distance')")
         self.goals, self.horizon, self.reward = goals, horizon, reward
         self.max_speed, self.goal_tolerance = max_speed, goal_tolerance
         self.num_envs = len(goals)
@@ -133,9 +134,9 @@ class Nav2DFamily:
     def validate_task(self, task: object) -> np.ndarray:
         goal = np.asarray(task, dtype=np.float64).reshape(-1)
         if goal.shape != (2,) or not np.all(np.isfinite(goal)):
-            raise ValueError(f"task.goal: expected two finite numbers (x, y), got {task!r}")
+            raise SpecError("task.goal", f"expected two finite numbers (x, y), got {task!r}")
         if np.any(goal < self.low) or np.any(goal > self.high):
-            raise ValueError(f"task.goal: {goal.tolist()} is outside [{self.low}, {self.high}]^2")
+            raise SpecError("task.goal", f"{goal.tolist()} is outside [{self.low}, {self.high}]^2")
         return goal
 
     def make_env(self, tasks: np.ndarray, seeds: np.ndarray, horizon: int) -> Nav2D:
@@ -194,12 +195,12 @@ class HalfCheetahFamily:
 
     def __init__(self, mode: str) -> None:
         if mode not in ("vel", "dir"):
-            raise ValueError(f"task.family: unknown half-cheetah mode '{mode}'")
+            raise SpecError("task.family", f"unknown half-cheetah mode '{mode}'")
         try:
             import gymnasium  # noqa: F401
             import mujoco  # noqa: F401
         except ImportError as exc:
-            raise ValueError(f"task.family: halfcheetah_{mode} needs the gymnasium and mujoco packages "
+            raise SpecError("task.family", f"halfcheetah_{mode} needs the gymnasium and mujoco packages "
                              f"(pip install 'gymnasium[mujoco]'): {exc}") from exc
         self.mode = mode
         self.name = f"halfcheetah_{mode}"
@@ -213,12 +214,12 @@ class HalfCheetahFamily:
     def validate_task(self, task: object) -> np.ndarray:
         value = np.asarray(task, dtype=np.float64).reshape(-1)
         if value.shape != (1,) or not np.isfinite(value[0]):
-            raise ValueError(f"task.{'velocity' if self.mode == 'vel' else 'direction'}: expected one number, "
-                             f"got {task!r}")
+            raise SpecError(f"task.{'velocity' if self.mode == 'vel' else 'direction'}",
+                            f"expected one number, got {task!r}")
         if self.mode == "vel" and not 0.0 <= value[0] <= 2.0:
-            raise ValueError(f"task.velocity: {value[0]} is outside [0, 2]")
+            raise SpecError("task.velocity", f"{value[0]} is outside [0, 2]")
         if self.mode == "dir" and value[0] not in (-1.0, 1.0):
-            raise ValueError(f"task.direction: {value[0]} is not +1 or -1")
+            raise SpecError("task.direction", f"{value[0]} is not +1 or -1")
         return value
 
     def make_env(self, tasks: np.ndarray, seeds: np.ndarray, horizon: int) -> HalfCheetahVec:
@@ -231,11 +232,11 @@ class HalfCheetahFamily:
 
 
 def build_env_family(name: str, *, reward: str = "squared") -> EnvFamily:
-    """The family called ``name``; ValueError naming ``task.family`` for an unknown one."""
+    """The family called ``name``; SpecError naming ``task.family`` for an unknown one."""
     if name == "nav2d":
         return Nav2DFamily(reward=reward)
     if name == "halfcheetah_vel":
         return HalfCheetahFamily("vel")
     if name == "halfcheetah_dir":
         return HalfCheetahFamily("dir")
-    raise ValueError(f"task.family: unknown environment '{name}' (expected one of {', '.join(FAMILIES)})")
+    raise SpecError("task.family", f"unknown environment '{name}' (expected one of {', '.join(FAMILIES)})")
