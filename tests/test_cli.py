@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +18,21 @@ import yaml
 from conftest import ADMIN_TOKEN, make_app, make_settings
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.app import app
 
 runner = CliRunner()
+
+
+class _Tail(logging.Handler):
+    """The last records logged while the server starts: what a failed start shows."""
+
+    def __init__(self, size: int = 50) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: deque[str] = deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 @pytest.fixture
@@ -26,18 +40,45 @@ def server(tmp_path: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # uvicorn's start-up lines (info) go to the log tail a failed start shows; requests are not logged.
     srv = uvicorn.Server(uvicorn.Config(make_app(make_settings(tmp_path)), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
+                                        log_level="info", access_log=False))
+    tail = _Tail()
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's own does not propagate
+    for logger in loggers:
+        logger.addHandler(tail)
+    crashed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            srv.run()
+        except BaseException as exc:  # uvicorn exits with SystemExit when it cannot start
+            crashed.append(exc)
+            raise
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
+    deadline, last = time.monotonic() + 30, "no answer"
+    try:
+        while True:
+            try:
+                response = httpx.get(f"{url}/readyz", timeout=1)
+                if response.status_code == 200:
+                    break
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            if not thread.is_alive() or time.monotonic() > deadline:
+                srv.should_exit = True
+                thread.join(10)
+                why = f"the server thread ended ({crashed[0]!r})" if crashed else "no 200 within 30 s"
+                pytest.fail(f"{url}/readyz never answered ({why}; last: {last}); server log tail:\n"
+                            + ("\n".join(tail.lines) or "(nothing logged)"), pytrace=False)
             time.sleep(0.1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(tail)
     yield url
     srv.should_exit = True
     thread.join(10)
@@ -88,9 +129,9 @@ def test_cli_reports_the_field_of_a_bad_spec(server: str, tmp_path: Path) -> Non
 def test_cli_sweeps_list_watch_and_a_bad_space(server: str, tmp_path: Path) -> None:
     """Without Ray: a bad space is refused naming the field; a stored sweep is listed, and watching a
     cancelled one draws its table to the end. (A sweep that runs: tests/test_api_sweeps.py.)"""
+    from cli.app import trials_table, watch_sweep
+    from cli.client import Client
     from service import sweeps as sweep_data
-    from service.cli import trials_table, watch_sweep
-    from service.client import Client
     from service.db import make_engine, make_session_factory
     from workers.sweep_spec import SweepSpec
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 
 class ApiError(RuntimeError):
@@ -96,21 +96,16 @@ class Client:
         return self._events(f"/sweeps/{sweep_id}/events")
 
     def _events(self, path: str) -> Iterator[tuple[str, Any]]:
-        with self.http.stream("GET", path, timeout=None) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ApiError(response.status_code, response.text)
-            event, data = "message", []
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield event, json.loads("\n".join(data))
-                    if event == "end":
-                        return
-                    event, data = "message", []
+        with connect_sse(self.http, "GET", path, timeout=None) as source:
+            if source.response.status_code >= 400:
+                source.response.read()
+                raise ApiError(source.response.status_code, source.response.text)
+            for sse in source.iter_sse():
+                if not sse.data:  # a retry or id field alone carries no event
+                    continue
+                yield sse.event, sse.json()
+                if sse.event == "end":
+                    return
 
     def close(self) -> None:
         self.http.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from service.client import ApiError, Client
+from cli.client import ApiError, Client
 
 app = typer.Typer(help="maml-service: meta-training jobs, sweeps, models and adaptation over REST.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -157,9 +158,7 @@ def _config(config: dict[str, Any]) -> str:
 def trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> Table:
     """A sweep's trials: id, config, status, iteration, the sweep metric (last and best)."""
     metric = sweep["spec"].get("metric") or "metric"
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    counts = Counter(t["status"] for t in trials)
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     table = Table(title=f"sweep {sweep['id']} ({sweep['name']}): {sweep['status']}"
                         + (f" - {summary}" if summary else ""))

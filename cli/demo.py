@@ -23,8 +23,8 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from service.cli import watch
-from service.client import Client
+from cli.app import watch
+from cli.client import Client
 
 console = Console()
 DEMO_JOB = {
@@ -96,7 +96,7 @@ def adapted_mse(model: torch.nn.Module, xs, ys, xq, yq, steps: int, lr: float) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m service.demo")
+    parser = argparse.ArgumentParser(prog="python -m cli.demo")
     parser.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--iterations", type=int, default=DEMO_JOB["outer"]["iterations"])
