@@ -14,11 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from workers.errors import NonFiniteLossError
 from workers.fast import fused
 from workers.fast.batched import fused_net
-from workers.inner import Forward, Params, evaluate, loss_function, sgd_adapt
-from workers.reptile import reptile_task
+from workers.inner import Forward, InnerOptimizer, OptimizerName, Params, adapt_steps, evaluate, loss_function
 from workers.tasks.base import LossName, Task, TaskFamily
 
 
@@ -32,36 +30,32 @@ def adapt(
     steps: int,
     lr: float,
     loss: LossName,
-    optimizer: Literal["sgd", "adam"] = "sgd",
+    optimizer: OptimizerName = "sgd",
     batch_size: int | None = None,
     fast: bool = True,
 ) -> tuple[Params, float, float]:
     """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after.
 
-    SGD steps on a conv/BatchNorm/ReLU/max-pool stack with a linear head (Conv4) take the
-    hand-written CPU kernels of ``workers.fast.fused`` (the same gradients, checked in float64
-    against autograd); ``fast=False`` forces the autograd loop, which takes any module.
+    The steps are ``workers.inner.adapt_steps`` (SGD or Adam, mini-batches of ``batch_size``), the
+    inner loop of training. Full-batch SGD on a conv/BatchNorm/ReLU/max-pool stack with a linear
+    head (Conv4) takes the hand-written CPU kernels of ``workers.fast.fused`` for its gradients
+    (the same gradients, checked in float64 against autograd); ``fast=False`` forces autograd,
+    which takes any module. Both losses are on the whole of (x, y).
     """
+    opt = InnerOptimizer(optimizer, lr)
     if fast and steps > 0 and optimizer == "sgd" and batch_size is None:
         net = fused_net(model, x.device)
         if net is not None:
-            return _adapt_fused(net, params, x, y, steps=steps, lr=lr, loss=loss)
+            return _adapt_fused(net, params, x, y, steps=steps, optimizer=opt, loss=loss)
     loss_fn = loss_function(loss)
     forward = Forward(model, buffers)
     if steps == 0:
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
         return dict(params), before, before
-    if optimizer == "adam" or batch_size is not None:
+    adapted, before = adapt_steps(forward, params, x, y, loss_fn, steps=steps, optimizer=opt, batch_size=batch_size)
+    adapted = {k: v.detach() for k, v in adapted.items()}
+    if batch_size is not None:  # the first step's loss was on a mini-batch: the loss before is on all of x
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
-        task = Task(x, y, x, y)
-        direction, _ = reptile_task(model, params, buffers, task, inner_steps=steps, inner_lr=lr, loss=loss,
-                                    optimizer=optimizer, batch_size=batch_size)
-        adapted = {k: params[k] - direction[k] for k in params}
-    else:
-        # The first SGD step computes the full-batch loss at the start: that is the loss before.
-        start = {k: p.detach().requires_grad_() for k, p in params.items()}
-        adapted, before = sgd_adapt(forward, start, x, y, loss_fn, steps=steps, lr=lr, create_graph=False)
-        adapted = {k: v.detach() for k, v in adapted.items()}
     after, _ = evaluate(forward, adapted, x, y, loss_fn, classification=False)
     return adapted, before, after
 
@@ -75,22 +69,19 @@ def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) 
         return Forward(model, buffers)(params, x)
 
 
-def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
-                 loss: LossName) -> tuple[Params, float, float]:
-    """``steps`` SGD steps with the hand-written forward and backward (no autograd graph)."""
+def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+                 optimizer: InnerOptimizer, loss: LossName) -> tuple[Params, float, float]:
+    """``adapt``'s steps with the hand-written forward and backward for the gradients (no autograd graph)."""
     p = {k: v.detach() for k, v in params.items()}
     prepared = fused.prepare(net, p, x)  # the input as the first block takes it, once for every step
-    before = float("nan")
-    for step in range(steps):
+    state = optimizer.init(p)
+    for _ in range(steps):
         value, _, grads = fused.run(net, p, prepared, y, loss, grad=True)
-        if step == 0:
-            before = value.item()
-        if not torch.isfinite(value):
-            raise NonFiniteLossError(f"inner loss is {value.item()} at inner step {step}")
         assert grads is not None
-        p = {k: v - lr * grads[k] for k, v in p.items()}
+        p, state = optimizer.step(state, p, [grads[k] for k in p], value)
+    assert state.loss_before is not None
     after = fused.run(net, p, prepared, y, loss, grad=False)[0].item()
-    return p, before, after
+    return p, state.loss_before.item(), after
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:

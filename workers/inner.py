@@ -1,12 +1,21 @@
-"""The inner loop, shared by every algorithm: functional forward passes and SGD adaptation.
+"""The inner loop, shared by every algorithm: functional forward passes, the step rules, adaptation.
 
 Parameters travel as ``dict[name, Tensor]`` and the model is called with
 ``torch.func.functional_call``, so any ``nn.Module`` works and no module state is mutated.
+
+The step rules (SGD, and Adam with beta1 = 0 as in the Reptile paper) are defined once, in
+``InnerOptimizer``: the update, the non-finite check and the loss before adapting. ``adapt_steps``
+is the one adaptation loop over them (MAML's inner loop, Reptile, ``workers.evaluation.adapt``);
+the fast paths of ``workers.fast``, which compute their gradients on their own schedule, take their
+steps through the same ``InnerOptimizer``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +27,10 @@ from workers.tasks.base import LossName
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerName = Literal["sgd", "adam"]
+
+ADAM_BETAS = (0.0, 0.999)  # Reptile paper, appendix: Adam with beta1 = 0
+ADAM_EPS = 1e-8
 
 
 def loss_function(name: LossName) -> LossFn:
@@ -54,7 +67,93 @@ class Forward:
         return functional_call(self.model, (params, self.buffers), (x,), strict=False)
 
 
-def sgd_adapt(
+def check_finite(values: torch.Tensor, what: str, when: str) -> None:
+    """Raise ``NonFiniteLossError`` if a loss (0-d), or any task's loss (``(tasks,)``), is not finite."""
+    if values.dim() == 0:
+        if not bool(torch.isfinite(values)):
+            raise NonFiniteLossError(f"{what} is {values.item()} {when}")
+        return
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).nonzero()[0, 0])
+        raise NonFiniteLossError(f"{what} is {values[bad].item()} {when} (task {bad} of the shard)")
+
+
+class InnerState(NamedTuple):
+    """What an inner loop carries from one step to the next."""
+
+    step: int  # steps taken so far
+    loss_before: torch.Tensor | None  # the first step's loss (detached): the loss before adapting
+    m: Params  # Adam's first moments (empty for SGD)
+    v: Params  # Adam's second moments (empty for SGD)
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """The inner step rule, with explicit state: ``state = opt.init(params)``, then once per step
+    ``params, state = opt.step(state, params, grads, loss)``.
+
+    ``sgd``: p - lr g. ``adam``: ``torch.optim.Adam`` with betas ``ADAM_BETAS`` (beta1 = 0, as in
+    the Reptile paper), its bias corrections in the same order of operations. The update is written
+    without in-place operations, so it is differentiable when run with grad mode on (second-order
+    MAML's SGD steps); with grad mode off it records nothing. Parameters may carry a leading task
+    dimension (``(tasks, *shape)``, the batched path): the losses are then ``(tasks,)``.
+    """
+
+    kind: OptimizerName
+    lr: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sgd", "adam"):
+            raise ValueError(f"optimizer: unknown inner optimizer '{self.kind}' (expected 'sgd' or 'adam')")
+
+    def init(self, params: Params) -> InnerState:
+        if self.kind == "adam":
+            zeros = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
+            return InnerState(0, None, zeros, dict(zeros))
+        return InnerState(0, None, {}, {})
+
+    def step(self, state: InnerState, params: Params, grads: Sequence[torch.Tensor],
+             loss: torch.Tensor) -> tuple[Params, InnerState]:
+        """One step from ``params`` with ``grads`` (in ``params`` order), taken at ``loss``.
+
+        Raises ``NonFiniteLossError`` when ``loss`` is not finite; the loss of the first step is
+        kept as ``state.loss_before``.
+        """
+        t = state.step
+        loss = loss.detach()
+        check_finite(loss, "inner loss", f"at inner step {t}")
+        loss_before = loss if t == 0 else state.loss_before
+        if self.kind == "sgd":
+            new = {k: p - self.lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
+            return new, InnerState(t + 1, loss_before, state.m, state.v)
+        beta1, beta2 = ADAM_BETAS
+        bias1, bias2 = 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)
+        new, m, v = {}, {}, {}
+        for (k, p), g in zip(params.items(), grads, strict=True):
+            m[k] = state.m[k].mul(beta1).add(g, alpha=1 - beta1)
+            v[k] = state.v[k].mul(beta2).addcmul(g, g, value=1 - beta2)
+            denom = v[k].sqrt() / bias2 ** 0.5 + ADAM_EPS
+            new[k] = p - (self.lr / bias1) * m[k] / denom
+        return new, InnerState(t + 1, loss_before, m, v)
+
+
+def minibatches(n: int, batch_size: int | None, steps: int) -> list[torch.Tensor | None]:
+    """Each step's support indices: None for the whole set, else ``batch_size`` indices cycling
+    through a fixed permutation of ``range(n)`` (seeded by ``n``: the result is a pure function of
+    the inputs)."""
+    bs = min(batch_size or n, n)
+    if bs == n:
+        return [None] * steps
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    out: list[torch.Tensor | None] = []
+    for step in range(steps):
+        start = (step * bs) % n
+        out.append(order[start:start + bs] if start + bs <= n
+                   else torch.cat([order[start:], order[:start + bs - n]]))
+    return out
+
+
+def adapt_steps(
     forward: Forward,
     params: Params,
     x: torch.Tensor,
@@ -62,30 +161,30 @@ def sgd_adapt(
     loss_fn: LossFn,
     *,
     steps: int,
-    lr: float,
-    create_graph: bool,
+    optimizer: InnerOptimizer,
+    batch_size: int | None = None,
+    create_graph: bool = False,
 ) -> tuple[Params, float]:
-    """``steps`` SGD steps on (x, y). Returns the adapted parameters and the loss before adapting.
+    """``steps`` steps of ``optimizer`` on (x, y), on mini-batches of ``batch_size`` if given.
 
-    With ``create_graph=True`` the result stays differentiable with respect to ``params`` (the
-    second-order MAML path). Otherwise each step's result is detached, so that a later
-    ``autograd.grad`` with respect to the adapted parameters is the first-order MAML gradient.
+    Returns the adapted parameters and the loss before adapting (the first step's loss, on its
+    mini-batch; NaN for 0 steps). With ``create_graph=True`` the result stays differentiable with
+    respect to ``params`` (second-order MAML). Otherwise each step's result is a fresh leaf that
+    requires grad, so that ``autograd.grad`` with respect to the adapted parameters is the
+    first-order MAML gradient.
     """
-    loss_before = float("nan")
-    for step in range(steps):
-        loss = loss_fn(forward(params, x), y)
-        if step == 0:
-            loss_before = loss.item()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"inner loss is {loss.item()} at inner step {step}")
-        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
-        if create_graph:
-            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
-        else:
-            params = {
-                n: (p.detach() - lr * g).requires_grad_() for (n, p), g in zip(params.items(), grads, strict=True)
-            }
-    return params, loss_before
+    state = optimizer.init(params)
+    current = params if create_graph else {k: p.detach().requires_grad_() for k, p in params.items()}
+    for idx in minibatches(x.shape[0], batch_size, steps):
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        loss = loss_fn(forward(current, xb), yb)
+        grads = torch.autograd.grad(loss, tuple(current.values()), create_graph=create_graph)
+        with torch.set_grad_enabled(create_graph):
+            current, state = optimizer.step(state, current, grads, loss)
+        if not create_graph:
+            current = {k: p.requires_grad_() for k, p in current.items()}
+    before = math.nan if state.loss_before is None else state.loss_before.item()
+    return current, before
 
 
 def evaluate(forward: Forward, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,

@@ -9,9 +9,9 @@ First-order MAML drops those Jacobians and returns grad L_query(theta_k): it is 
 ``first_order=True``, not a second implementation.
 
 On CPU, a model of conv/BatchNorm/ReLU/max-pool blocks and a linear head (the paper's Conv4) takes
-the same steps with the query passes through hand-written kernels (``workers.fast``; about 1.5x
-faster than the plain autograd loop with the same outputs on this project's 2-core CPU, see
-benchmarks/results/speed.md); any other model runs the plain autograd loop, ``maml_task_autograd``.
+the same steps with the query passes through hand-written kernels (``workers.fast``, checked
+against this loop in float64 by tests/test_engine_fast.py); any other model runs the plain autograd
+loop, ``maml_task_autograd``.
 
 Example::
 
@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.errors import NonFiniteLossError
 from workers.fast import fused_net, maml_shard
-from workers.inner import Forward, Params, evaluate, loss_function, sgd_adapt
+from workers.inner import Forward, InnerOptimizer, Params, adapt_steps, check_finite, evaluate, loss_function
 from workers.tasks.base import LossName, Task
 
 
@@ -70,14 +69,13 @@ def maml_task_autograd(
     theta = {n: p.detach().requires_grad_() for n, p in params.items()}
 
     query_loss_before, query_acc_before = evaluate(forward, theta, task.x_query, task.y_query, loss_fn, classification)
-    adapted, support_loss_before = sgd_adapt(
+    adapted, support_loss_before = adapt_steps(
         forward, theta, task.x_support, task.y_support, loss_fn,
-        steps=inner_steps, lr=inner_lr, create_graph=not first_order,
+        steps=inner_steps, optimizer=InnerOptimizer("sgd", inner_lr), create_graph=not first_order,
     )
     out = forward(adapted, task.x_query)
     query_loss = loss_fn(out, task.y_query)
-    if not torch.isfinite(query_loss):
-        raise NonFiniteLossError(f"query loss is {query_loss.item()} after adaptation")
+    check_finite(query_loss.detach(), "query loss", "after adaptation")
     # Second order: differentiate through the inner steps back to theta. First order: the adapted
     # parameters are detached leaves, and the gradient there is FOMAML's meta-gradient.
     wrt = tuple(adapted.values()) if first_order else tuple(theta.values())

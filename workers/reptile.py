@@ -3,7 +3,8 @@
 Train on the task for ``k`` steps (SGD, or Adam with beta1 = 0 as in the paper) from phi to
 phi_adapted; the meta-update direction is ``phi - phi_adapted``, which an outer SGD step with
 step size epsilon turns into phi + epsilon (phi_adapted - phi). The outer step may anneal linearly
-(``OuterSpec.anneal``); that lives in the training loop, not here.
+(``OuterSpec.anneal``); that lives in the training loop, not here. The inner steps are
+``workers.inner.adapt_steps``, the loop MAML and adaptation take too.
 
 Example::
 
@@ -13,17 +14,20 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-from workers.errors import NonFiniteLossError
-from workers.inner import Forward, Params, evaluate, loss_function
+from workers.inner import (
+    Forward,
+    InnerOptimizer,
+    OptimizerName,
+    Params,
+    adapt_steps,
+    check_finite,
+    evaluate,
+    loss_function,
+)
 from workers.tasks.base import LossName, Task
-
-ADAM_BETAS = (0.0, 0.999)  # Reptile paper, appendix: Adam with beta1 = 0
-ADAM_EPS = 1e-8
 
 
 def reptile_task(
@@ -35,7 +39,7 @@ def reptile_task(
     inner_steps: int,
     inner_lr: float,
     loss: LossName,
-    optimizer: Literal["sgd", "adam"] = "sgd",
+    optimizer: OptimizerName = "sgd",
     batch_size: int | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """(phi - phi_adapted) for one task and its metrics.
@@ -48,42 +52,13 @@ def reptile_task(
     forward = Forward(model, buffers)
     phi = {n: p.detach() for n, p in params.items()}
     query_loss_before, query_acc_before = evaluate(forward, phi, task.x_query, task.y_query, loss_fn, classification)
-
-    n = task.x_support.shape[0]
-    bs = min(batch_size or n, n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)) if bs < n else torch.arange(n)
-    beta1, beta2 = ADAM_BETAS
-    m = {k: torch.zeros_like(v) for k, v in phi.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in phi.items()}
-
-    current = {k: v.clone().requires_grad_() for k, v in phi.items()}
-    support_loss_before = float("nan")
-    for step in range(inner_steps):
-        start = (step * bs) % n
-        idx = order[start:start + bs] if start + bs <= n else torch.cat([order[start:], order[:start + bs - n]])
-        loss_value = loss_fn(forward(current, task.x_support[idx]), task.y_support[idx])
-        if step == 0:
-            support_loss_before = loss_value.item()
-        if not torch.isfinite(loss_value):
-            raise NonFiniteLossError(f"inner loss is {loss_value.item()} at inner step {step}")
-        grads = torch.autograd.grad(loss_value, tuple(current.values()))
-        with torch.no_grad():
-            updated = {}
-            for (k, p), g in zip(current.items(), grads, strict=True):
-                if optimizer == "adam":
-                    m[k].mul_(beta1).add_(g, alpha=1 - beta1)
-                    v2[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    # The bias corrections in torch.optim.Adam's order of operations.
-                    denom = v2[k].sqrt() / (1 - beta2 ** (step + 1)) ** 0.5 + ADAM_EPS
-                    updated[k] = p - (inner_lr / (1 - beta1 ** (step + 1))) * m[k] / denom
-                else:
-                    updated[k] = p - inner_lr * g
-        current = {k: v.requires_grad_() for k, v in updated.items()}
-
-    adapted = {k: v.detach() for k, v in current.items()}
+    adapted, support_loss_before = adapt_steps(
+        forward, phi, task.x_support, task.y_support, loss_fn,
+        steps=inner_steps, optimizer=InnerOptimizer(optimizer, inner_lr), batch_size=batch_size,
+    )
+    adapted = {k: v.detach() for k, v in adapted.items()}
     query_loss, query_acc = evaluate(forward, adapted, task.x_query, task.y_query, loss_fn, classification)
-    if not torch.isfinite(torch.tensor(query_loss)):
-        raise NonFiniteLossError(f"query loss is {query_loss} after adaptation")
+    check_finite(torch.tensor(query_loss), "query loss", "after adaptation")
     metrics = {
         "inner/loss_before": support_loss_before,
         "meta/loss_before": query_loss_before,

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from workers.aggregator import GradientSum
-from workers.errors import NonFiniteLossError
 from workers.fast import folded, fused
 from workers.fast.plan import Plan, plan_of
-from workers.inner import Params
+from workers.inner import InnerOptimizer, Params, check_finite
 from workers.tasks.base import LossName, Task
 
 QueryPath = Literal["auto", "fused", "folded"]
+METRIC_ORDER = ("inner/loss_before", "meta/loss_before", "meta/loss", "meta/accuracy_before", "meta/accuracy")
 
 
 def _stack(tasks: Sequence[Task]) -> Task | None:
@@ -71,12 +71,6 @@ def fused_net(model: nn.Module, device: torch.device) -> fused.FusedNet | None:
         return None
     plan = plan_of(model)
     return None if plan is None else fused.FusedNet.of(plan)
-
-
-def _check(values: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).nonzero()[0, 0])
-        raise NonFiniteLossError(f"{what} is {values[bad].item()} (task {bad} of the shard)")
 
 
 def maml_shard(
@@ -116,41 +110,45 @@ def maml_shard(
     classification = loss == "cross_entropy"
 
     theta = {n: params[n].detach().requires_grad_() for n in plan.param_names}
+    qnet = net if query == "fused" else None  # the hand-written query kernels, if they run
+    if qnet is not None:  # each task's query inputs as the first block takes them, for both query passes
+        xq = [fused.prepare(qnet, theta, batch.x_query[b]) for b in range(B)]
+    sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():  # the "before" metrics, at the meta-parameters
-        if net is not None and query == "fused":
-            # each task's query inputs as the first block takes them, shared with the adapted pass
-            xq = [fused.prepare(net, theta, batch.x_query[b]) for b in range(B)]
-            before = [fused.run(net, theta, xq[b], batch.y_query[b], loss, grad=False) for b in range(B)]
-            q_loss_before = torch.stack([v for v, _, _ in before])
-            q_acc_before = torch.stack([a for _, a, _ in before if a is not None]) if classification else None
+        if qnet is not None:
+            runs_before = [fused.run(qnet, theta, xq[b], batch.y_query[b], loss, grad=False) for b in range(B)]
+            sums["meta/loss_before"] = torch.stack([v for v, _, _ in runs_before])
+            if classification:
+                sums["meta/accuracy_before"] = torch.stack([a for _, a, _ in runs_before if a is not None])
         else:
             out = folded.forward(plan, folded.expand_params(theta, B), batch.x_query)
-            q_loss_before = folded.task_losses(out, batch.y_query, loss)
-            q_acc_before = folded.task_accuracies(out, batch.y_query) if classification else None
+            sums["meta/loss_before"] = folded.task_losses(out, batch.y_query, loss)
+            if classification:
+                sums["meta/accuracy_before"] = folded.task_accuracies(out, batch.y_query)
 
-    # Inner loop, every task at once: (B, *shape) parameters, starting from theta for all.
+    # Inner loop, every task at once: (B, *shape) parameters, starting from theta for all; the
+    # step rule is the per-task loop's (workers.inner.InnerOptimizer), on (B,) losses.
+    opt = InnerOptimizer("sgd", inner_lr)
+    state = opt.init(theta)
     adapted = folded.expand_params(theta, B)
-    s_loss_before = torch.empty(0)
-    for step in range(inner_steps):
+    for _ in range(inner_steps):
         losses = folded.task_losses(folded.forward(plan, adapted, batch.x_support), batch.y_support, loss)
-        if step == 0:
-            s_loss_before = losses.detach()
-        _check(losses.detach(), f"inner loss at inner step {step}")
         # (a bias that BatchNorm cancels may be unused: its gradient is zero)
         grads = torch.autograd.grad(losses.sum(), tuple(adapted.values()), create_graph=not first_order,
                                     allow_unused=True, materialize_grads=True)
+        with torch.set_grad_enabled(not first_order):
+            adapted, state = opt.step(state, adapted, grads, losses)
         if first_order:
-            adapted = {n: (p.detach() - inner_lr * g).requires_grad_()
-                       for (n, p), g in zip(adapted.items(), grads, strict=True)}
-        else:
-            adapted = {n: p - inner_lr * g for (n, p), g in zip(adapted.items(), grads, strict=True)}
+            adapted = {n: p.requires_grad_() for n, p in adapted.items()}
+    assert state.loss_before is not None
+    sums["inner/loss_before"] = state.loss_before
 
-    if net is not None and query == "fused":
-        runs = [fused.run(net, {n: p[b].detach() for n, p in adapted.items()}, xq[b], batch.y_query[b], loss,
+    if qnet is not None:
+        runs = [fused.run(qnet, {n: p[b].detach() for n, p in adapted.items()}, xq[b], batch.y_query[b], loss,
                           grad=True) for b in range(B)]
         del xq
         q_loss = torch.stack([v for v, _, _ in runs])
-        _check(q_loss, "query loss after adaptation")
+        check_finite(q_loss, "query loss", "after adaptation")
         q_acc = torch.stack([a for _, a, _ in runs if a is not None]) if classification else None
         q_grads = {n: torch.stack([g[n] for _, _, g in runs if g is not None]) for n in plan.param_names}
         del runs
@@ -163,7 +161,7 @@ def maml_shard(
         out = folded.forward(plan, adapted, batch.x_query)
         q_loss_t = folded.task_losses(out, batch.y_query, loss)
         q_loss = q_loss_t.detach()
-        _check(q_loss, "query loss after adaptation")
+        check_finite(q_loss, "query loss", "after adaptation")
         q_acc = folded.task_accuracies(out.detach(), batch.y_query) if classification else None
         if first_order:
             meta = [g.sum(0) for g in torch.autograd.grad(q_loss_t.sum(), tuple(adapted.values()),
@@ -174,10 +172,10 @@ def maml_shard(
 
     total = GradientSum()
     total.grads = {n: g.detach() for n, g in zip(plan.param_names, meta, strict=True)}
-    sums = {"inner/loss_before": s_loss_before, "meta/loss_before": q_loss_before, "meta/loss": q_loss}
+    sums["meta/loss"] = q_loss
     if classification:
-        sums["meta/accuracy_before"] = q_acc_before  # type: ignore[assignment]
         sums["meta/accuracy"] = q_acc  # type: ignore[assignment]
+    sums = {k: sums[k] for k in METRIC_ORDER if k in sums}  # the per-task loop's order
     # float64 sums of the per-task float values, as GradientSum.add would accumulate them
     total.metrics = {k: float(v.detach().double().sum()) for k, v in sums.items()}
     total.count = B

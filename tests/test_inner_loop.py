@@ -1,0 +1,101 @@
+"""The shared inner loop (``workers.inner``), in float64.
+
+One step rule serves every path: ``adapt_steps`` against plain ``torch.optim`` loops (SGD, Adam
+with beta1 = 0, mini-batches), and ``workers.evaluation.adapt`` against the same.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers import meta_gradient
+from workers.errors import NonFiniteLossError
+from workers.evaluation import adapt
+from workers.inner import ADAM_BETAS, ADAM_EPS, Forward, InnerOptimizer, adapt_steps, minibatches, split_state
+from workers.tasks.base import Task
+
+DT = torch.float64
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(),
+                         nn.Linear(5, 3)).to(DT)
+
+
+def _task(gen: torch.Generator, n: int = 6) -> Task:
+    return Task(torch.randn(n, 2, generator=gen, dtype=DT), torch.arange(n) % 3,
+                torch.randn(9, 2, generator=gen, dtype=DT), torch.arange(9) % 3)
+
+
+def _torch_optim_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: str, lr: float, steps: int,
+                      batch_size: int | None) -> dict[str, torch.Tensor]:
+    ref = copy.deepcopy(model)
+    opt = (torch.optim.Adam(ref.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS) if optimizer == "adam"
+           else torch.optim.SGD(ref.parameters(), lr=lr))
+    for idx in minibatches(x.shape[0], batch_size, steps):
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        opt.zero_grad()
+        F.cross_entropy(ref(xb), yb).backward()
+        opt.step()
+    return {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def test_minibatches_cycle_through_one_permutation() -> None:
+    assert minibatches(5, None, 3) == [None] * 3
+    assert minibatches(5, 9, 2) == [None] * 2
+    batches = minibatches(5, 2, 5)  # 10 indices: every support example exactly twice
+    assert all(b is not None and b.numel() == 2 for b in batches)
+    assert torch.cat(batches).bincount(minlength=5).tolist() == [2] * 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_adapt_steps_and_evaluation_adapt_match_torch_optim(optimizer: str, batch_size: int | None) -> None:
+    model = _mlp()
+    task = _task(torch.Generator().manual_seed(1))
+    expected = _torch_optim_loop(model, task.x_support, task.y_support, optimizer=optimizer, lr=0.05, steps=5,
+                                 batch_size=batch_size)
+    params, buffers = split_state(model)
+    got, before = adapt_steps(Forward(model, buffers), params, task.x_support, task.y_support, F.cross_entropy,
+                              steps=5, optimizer=InnerOptimizer(optimizer, 0.05), batch_size=batch_size)
+    adapted, loss_before, loss_after = adapt(model, params, buffers, task.x_support, task.y_support, steps=5,
+                                             lr=0.05, loss="cross_entropy", optimizer=optimizer,
+                                             batch_size=batch_size)
+    for n in expected:
+        torch.testing.assert_close(got[n].detach(), expected[n], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(adapted[n], expected[n], rtol=1e-12, atol=1e-14)
+    full = F.cross_entropy(model(task.x_support), task.y_support).item()
+    assert loss_before == pytest.approx(full, abs=1e-14)  # on all of x, mini-batches or not
+    if batch_size is None:
+        assert before == pytest.approx(full, abs=1e-14)
+    assert loss_after < loss_before
+
+
+def test_second_order_steps_stay_differentiable() -> None:
+    model = _mlp()
+    task = _task(torch.Generator().manual_seed(2))
+    params, buffers = split_state(model)
+    theta = {n: p.clone().requires_grad_() for n, p in params.items()}
+    adapted, _ = adapt_steps(Forward(model, buffers), theta, task.x_support, task.y_support, F.cross_entropy,
+                             steps=2, optimizer=InnerOptimizer("sgd", 0.3), create_graph=True)
+    assert all(p.grad_fn is not None for p in adapted.values())
+    first, _ = adapt_steps(Forward(model, buffers), theta, task.x_support, task.y_support, F.cross_entropy,
+                           steps=2, optimizer=InnerOptimizer("sgd", 0.3))
+    assert all(p.is_leaf and p.requires_grad for p in first.values())
+    for n in adapted:
+        assert torch.equal(adapted[n].detach(), first[n].detach())
+
+
+def test_non_finite_inner_loss_is_named() -> None:
+    model = _mlp()
+    task = _task(torch.Generator().manual_seed(3))
+    bad = Task(task.x_support.clone().fill_(float("nan")), *task[1:])
+    for algorithm in ("maml", "reptile"):
+        with pytest.raises(NonFiniteLossError, match="inner loss is nan at inner step 0"):
+            meta_gradient(model, [bad], algorithm=algorithm, inner_steps=1, inner_lr=0.1)
+    with pytest.raises(ValueError, match="optimizer: unknown inner optimizer 'rmsprop'"):
+        InnerOptimizer("rmsprop", 0.1)  # type: ignore[arg-type]
