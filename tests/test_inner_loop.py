@@ -1,7 +1,9 @@
-"""The shared inner loop (``workers.inner``), in float64.
+"""The shared inner loop (``workers.inner``) and the optional pre-adaptation pass, in float64.
 
 One step rule serves every path: ``adapt_steps`` against plain ``torch.optim`` loops (SGD, Adam
-with beta1 = 0, mini-batches), and ``workers.evaluation.adapt`` against the same.
+with beta1 = 0, mini-batches), ``workers.evaluation.adapt`` against the same, and ``before=False``
+against ``before=True`` on every path of the engine (the gradients must be bit-for-bit the same;
+only the ``meta/*_before`` metrics go).
 """
 
 import copy
@@ -14,10 +16,13 @@ from torch import nn
 from workers import meta_gradient
 from workers.errors import NonFiniteLossError
 from workers.evaluation import adapt
+from workers.fast import maml_shard
 from workers.inner import ADAM_BETAS, ADAM_EPS, Forward, InnerOptimizer, adapt_steps, minibatches, split_state
+from workers.models import Conv4
 from workers.tasks.base import Task
 
 DT = torch.float64
+BEFORE_KEYS = {"meta/loss_before", "meta/accuracy_before"}
 
 
 def _mlp() -> nn.Module:
@@ -99,3 +104,81 @@ def test_non_finite_inner_loss_is_named() -> None:
             meta_gradient(model, [bad], algorithm=algorithm, inner_steps=1, inner_lr=0.1)
     with pytest.raises(ValueError, match="optimizer: unknown inner optimizer 'rmsprop'"):
         InnerOptimizer("rmsprop", 0.1)  # type: ignore[arg-type]
+
+
+def _conv4() -> nn.Module:
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 6, 16).to(DT)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(0.0, 1.0)  # scales of both signs
+    return model
+
+
+def _image_tasks(count: int) -> list[Task]:
+    gen = torch.Generator().manual_seed(4)
+    return [Task(torch.randn(3, 1, 16, 16, generator=gen, dtype=DT), torch.arange(3),
+                 torch.randn(6, 1, 16, 16, generator=gen, dtype=DT), torch.arange(3).repeat(2)) for _ in range(count)]
+
+
+def _assert_before_only_drops_metrics(with_before: tuple, without: tuple) -> None:
+    (g1, m1), (g2, m2) = with_before, without
+    assert list(g1) == list(g2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+    assert BEFORE_KEYS & set(m1) and not BEFORE_KEYS & set(m2)
+    assert set(m1) - set(m2) == BEFORE_KEYS & set(m1)
+    assert "inner/loss_before" in m2
+    for k in m2:
+        assert m1[k] == m2[k], k
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "conv4", "user"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+def test_before_false_drops_only_the_pre_adaptation_metrics(model_name: str, algorithm: str) -> None:
+    """The public API on the batched path (mlp), the fused kernels (conv4) and the per-task loop (user)."""
+    if model_name == "user":
+        from user_models import make_model
+
+        torch.manual_seed(0)
+        model = make_model(width=4).to(DT)
+        gen = torch.Generator().manual_seed(5)
+        tasks = [Task(*(torch.randn(5, 1, generator=gen, dtype=DT) for _ in range(4))) for _ in range(2)]
+        loss = "mse"
+    else:
+        model = _mlp() if model_name == "mlp" else _conv4()
+        gen = torch.Generator().manual_seed(6)
+        tasks = [_task(gen) for _ in range(3)] if model_name == "mlp" else _image_tasks(3)
+        loss = "cross_entropy"
+    kw = dict(algorithm=algorithm, inner_steps=2, inner_lr=0.1, loss=loss)
+    with_before = meta_gradient(model, tasks, **kw)
+    without = meta_gradient(model, tasks, before=False, **kw)
+    _assert_before_only_drops_metrics(with_before, without)
+    if loss == "mse":
+        assert "meta/loss_before" in with_before[1] and "meta/accuracy_before" not in with_before[1]
+
+
+@pytest.mark.parametrize("query", ["folded", "fused"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_before_false_on_both_batched_query_paths(query: str, first_order: bool) -> None:
+    model = _conv4()
+    params, buffers = split_state(model)
+    tasks = _image_tasks(3)
+    kw = dict(inner_steps=1, inner_lr=0.4, loss="cross_entropy", first_order=first_order, query=query)
+    a = maml_shard(model, params, buffers, tasks, **kw)
+    b = maml_shard(model, params, buffers, tasks, before=False, **kw)
+    assert a is not None and b is not None and a.count == b.count == 3
+    _assert_before_only_drops_metrics((a.grads, a.metrics), (b.grads, b.metrics))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_before_false_on_the_per_task_paths(first_order: bool) -> None:
+    """``task_meta_gradient``: MAML through the fused kernels (Conv4) and through autograd (the MLP)."""
+    from workers.engine import task_meta_gradient
+
+    for model, task in ((_conv4(), _image_tasks(1)[0]), (_mlp(), _task(torch.Generator().manual_seed(7)))):
+        params, buffers = split_state(model)
+        kw = dict(algorithm="fomaml" if first_order else "maml", inner_steps=2, inner_lr=0.2, loss="cross_entropy")
+        _assert_before_only_drops_metrics(task_meta_gradient(model, params, buffers, task, **kw),
+                                          task_meta_gradient(model, params, buffers, task, before=False, **kw))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 from workers.aggregator import GradientSum, mean
-from workers.inner import Params, split_state
+from workers.inner import OptimizerName, Params, split_state
 from workers.maml import maml_task
 from workers.reptile import reptile_task
 from workers.tasks.base import LossName, Task
@@ -27,22 +26,30 @@ def task_meta_gradient(
     inner_steps: int,
     inner_lr: float,
     loss: LossName,
-    inner_optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_optimizer: OptimizerName = "sgd",
     inner_batch_size: int | None = None,
+    before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
-    """One task's meta-gradient and metrics, for any of the three algorithms."""
+    """One task's meta-gradient and metrics, for any of the three algorithms.
+
+    ``before=False`` skips the query pass at the meta-parameters: the meta-gradient is the same,
+    and ``meta/loss_before`` and ``meta/accuracy_before`` are absent from the metrics (for
+    iterations that do not report them). ``inner/loss_before`` stays: the first inner step gives it.
+    """
     if algorithm in ("maml", "fomaml"):
         return maml_task(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr,
-                         loss=loss, first_order=algorithm == "fomaml")
+                         loss=loss, first_order=algorithm == "fomaml", before=before)
     if algorithm == "reptile":
         return reptile_task(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr,
-                            loss=loss, optimizer=inner_optimizer, batch_size=inner_batch_size)
+                            loss=loss, optimizer=inner_optimizer, batch_size=inner_batch_size, before=before)
     raise ValueError(f"algorithm: unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS)})")
 
 
 def shard_meta_gradient(model: nn.Module, params: Params, buffers: Params, tasks: Sequence[Task],
                         **kwargs) -> GradientSum:
     """The summed meta-gradients and metrics of a shard of tasks (one worker's share).
+
+    ``kwargs`` are those of ``task_meta_gradient`` (``before=False`` included).
 
     MAML and first-order MAML on a model the batched path recognises (conv/BatchNorm/ReLU/max-pool
     blocks and a linear head, e.g. Conv4) take it: the shard's tasks at once, the same maths
@@ -68,15 +75,17 @@ def meta_gradient(
     inner_steps: int = 1,
     inner_lr: float = 0.4,
     loss: LossName = "cross_entropy",
-    inner_optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_optimizer: OptimizerName = "sgd",
     inner_batch_size: int | None = None,
+    before: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The mean meta-gradient of ``model`` over ``tasks``, and the mean metrics.
 
     ``tasks`` holds ``(x_support, y_support, x_query, y_query)`` tuples. The result maps every
     parameter name of ``model`` to a tensor of its shape: for MAML and first-order MAML the mean
     meta-gradient, for Reptile the mean of (phi - phi_adapted). Either is what the outer optimizer
-    consumes (set it as ``.grad`` and step). The model itself is not modified.
+    consumes (set it as ``.grad`` and step). The model itself is not modified. ``before=False``
+    skips the pre-adaptation query pass (no ``meta/loss_before``, ``meta/accuracy_before``).
 
     >>> grads, metrics = meta_gradient(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
     ...                                loss="cross_entropy")
@@ -89,6 +98,7 @@ def meta_gradient(
     total = shard_meta_gradient(
         model, params, buffers, [Task(*t) for t in tasks], algorithm=algorithm, inner_steps=inner_steps,
         inner_lr=inner_lr, loss=loss, inner_optimizer=inner_optimizer, inner_batch_size=inner_batch_size,
+        before=before,
     )
     grads, metrics, _ = mean([total])
     return grads, metrics

@@ -40,15 +40,20 @@ def maml_task(
     inner_lr: float,
     loss: LossName,
     first_order: bool = False,
+    before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
-    """One task's MAML meta-gradient (keyed like ``params``) and its metrics."""
+    """One task's MAML meta-gradient (keyed like ``params``) and its metrics.
+
+    ``before=False`` skips the query pass at the meta-parameters: ``meta/loss_before`` and
+    ``meta/accuracy_before`` are then absent, and the meta-gradient is the same.
+    """
     if fused_net(model, task.x_query.device) is not None:
         fast = maml_shard(model, params, buffers, [task], inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-                          first_order=first_order, query="fused")
+                          first_order=first_order, query="fused", before=before)
         if fast is not None:
             return fast.grads, fast.metrics
     return maml_task_autograd(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-                              first_order=first_order)
+                              first_order=first_order, before=before)
 
 
 def maml_task_autograd(
@@ -61,6 +66,7 @@ def maml_task_autograd(
     inner_lr: float,
     loss: LossName,
     first_order: bool = False,
+    before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
     """``maml_task`` with plain autograd through ``functional_call``: any ``nn.Module``."""
     loss_fn = loss_function(loss)
@@ -68,7 +74,9 @@ def maml_task_autograd(
     forward = Forward(model, buffers)
     theta = {n: p.detach().requires_grad_() for n, p in params.items()}
 
-    query_loss_before, query_acc_before = evaluate(forward, theta, task.x_query, task.y_query, loss_fn, classification)
+    if before:
+        query_loss_before, query_acc_before = evaluate(forward, theta, task.x_query, task.y_query, loss_fn,
+                                                       classification)
     adapted, support_loss_before = adapt_steps(
         forward, theta, task.x_support, task.y_support, loss_fn,
         steps=inner_steps, optimizer=InnerOptimizer("sgd", inner_lr), create_graph=not first_order,
@@ -80,12 +88,12 @@ def maml_task_autograd(
     # parameters are detached leaves, and the gradient there is FOMAML's meta-gradient.
     wrt = tuple(adapted.values()) if first_order else tuple(theta.values())
     grads = torch.autograd.grad(query_loss, wrt)
-    metrics = {
-        "inner/loss_before": support_loss_before,
-        "meta/loss_before": query_loss_before,
-        "meta/loss": query_loss.item(),
-    }
+    metrics = {"inner/loss_before": support_loss_before}
+    if before:
+        metrics["meta/loss_before"] = query_loss_before
+    metrics["meta/loss"] = query_loss.item()
     if classification:
-        metrics["meta/accuracy_before"] = query_acc_before
+        if before:
+            metrics["meta/accuracy_before"] = query_acc_before
         metrics["meta/accuracy"] = (out.argmax(-1) == task.y_query).float().mean().item()
     return dict(zip(params.keys(), grads, strict=True)), metrics

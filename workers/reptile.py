@@ -41,17 +41,21 @@ def reptile_task(
     loss: LossName,
     optimizer: OptimizerName = "sgd",
     batch_size: int | None = None,
+    before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
     """(phi - phi_adapted) for one task and its metrics.
 
     Mini-batches (``batch_size``) cycle through a fixed permutation of the support set, so the
-    result is a pure function of the inputs.
+    result is a pure function of the inputs. ``before=False`` skips the query pass at phi
+    (``meta/loss_before`` and ``meta/accuracy_before`` are then absent).
     """
     loss_fn = loss_function(loss)
     classification = loss == "cross_entropy"
     forward = Forward(model, buffers)
     phi = {n: p.detach() for n, p in params.items()}
-    query_loss_before, query_acc_before = evaluate(forward, phi, task.x_query, task.y_query, loss_fn, classification)
+    if before:
+        query_loss_before, query_acc_before = evaluate(forward, phi, task.x_query, task.y_query, loss_fn,
+                                                       classification)
     adapted, support_loss_before = adapt_steps(
         forward, phi, task.x_support, task.y_support, loss_fn,
         steps=inner_steps, optimizer=InnerOptimizer(optimizer, inner_lr), batch_size=batch_size,
@@ -59,12 +63,12 @@ def reptile_task(
     adapted = {k: v.detach() for k, v in adapted.items()}
     query_loss, query_acc = evaluate(forward, adapted, task.x_query, task.y_query, loss_fn, classification)
     check_finite(torch.tensor(query_loss), "query loss", "after adaptation")
-    metrics = {
-        "inner/loss_before": support_loss_before,
-        "meta/loss_before": query_loss_before,
-        "meta/loss": query_loss,
-    }
+    metrics = {"inner/loss_before": support_loss_before}
+    if before:
+        metrics["meta/loss_before"] = query_loss_before
+    metrics["meta/loss"] = query_loss
     if classification:
-        metrics["meta/accuracy_before"] = query_acc_before
+        if before:
+            metrics["meta/accuracy_before"] = query_acc_before
         metrics["meta/accuracy"] = query_acc
     return {k: phi[k] - adapted[k] for k in phi}, metrics

@@ -84,12 +84,14 @@ def maml_shard(
     loss: LossName,
     first_order: bool = False,
     query: QueryPath = "auto",
+    before: bool = True,
 ) -> GradientSum | None:
     """The summed meta-gradients and metrics of ``tasks`` (a ``GradientSum`` of ``len(tasks)`` tasks).
 
     Equal, up to floating-point summation order, to adding ``maml_task`` of every task. ``buffers``
     are not read: the plans accepted here hold none but BatchNorm running statistics, which
     batch-statistics BatchNorm does not use. Returns None when no batched path applies.
+    ``before=False`` skips the query pass at the meta-parameters (no ``meta/*_before`` metrics).
     """
     del buffers
     plan = plan_of(model)
@@ -114,17 +116,18 @@ def maml_shard(
     if qnet is not None:  # each task's query inputs as the first block takes them, for both query passes
         xq = [fused.prepare(qnet, theta, batch.x_query[b]) for b in range(B)]
     sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():  # the "before" metrics, at the meta-parameters
-        if qnet is not None:
-            runs_before = [fused.run(qnet, theta, xq[b], batch.y_query[b], loss, grad=False) for b in range(B)]
-            sums["meta/loss_before"] = torch.stack([v for v, _, _ in runs_before])
-            if classification:
-                sums["meta/accuracy_before"] = torch.stack([a for _, a, _ in runs_before if a is not None])
-        else:
-            out = folded.forward(plan, folded.expand_params(theta, B), batch.x_query)
-            sums["meta/loss_before"] = folded.task_losses(out, batch.y_query, loss)
-            if classification:
-                sums["meta/accuracy_before"] = folded.task_accuracies(out, batch.y_query)
+    if before:
+        with torch.no_grad():  # the "before" metrics, at the meta-parameters
+            if qnet is not None:
+                runs_before = [fused.run(qnet, theta, xq[b], batch.y_query[b], loss, grad=False) for b in range(B)]
+                sums["meta/loss_before"] = torch.stack([v for v, _, _ in runs_before])
+                if classification:
+                    sums["meta/accuracy_before"] = torch.stack([a for _, a, _ in runs_before if a is not None])
+            else:
+                out = folded.forward(plan, folded.expand_params(theta, B), batch.x_query)
+                sums["meta/loss_before"] = folded.task_losses(out, batch.y_query, loss)
+                if classification:
+                    sums["meta/accuracy_before"] = folded.task_accuracies(out, batch.y_query)
 
     # Inner loop, every task at once: (B, *shape) parameters, starting from theta for all; the
     # step rule is the per-task loop's (workers.inner.InnerOptimizer), on (B,) losses.
