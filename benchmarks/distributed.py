@@ -54,7 +54,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8, help="timed iterations per configuration")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="meta-batch 4, 2 iterations")
+    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
+                        help="folder of the Omniglot zips, or its parent (default: $MAML_DATA_ROOT)")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"),
+                        help="decoded Omniglot cache (default: $MAML_CACHE_DIR, else ~/.cache/maml-service)")
     args = parser.parse_args()
+    # Absolute: the Ray workers open the same folders from their own working directories.
+    data_root = args.data_root.expanduser().resolve() if args.data_root else None
+    cache_dir = Path(args.cache_dir).expanduser().resolve()
     if args.quick:
         args.iterations, args.batch = 2, 4
     ensure_ray(num_cpus=3)
@@ -66,6 +74,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainers: dict[str, Trainer] = {
                 "local": Trainer(spec_for(algorithm, 1, args.batch), run_dir=Path(tmp) / "local",
+                                 data_root=data_root, cache_dir=cache_dir,
                                  executor_factory=lambda s, f, m: LocalExecutor(s, f, m))}
             trainers["local"].step()  # warm-up: first-touch allocations, lazy imports
             groups: dict[int, RayExecutor] = {}
@@ -73,11 +82,12 @@ def main() -> None:
                 spec = spec_for(algorithm, workers, args.batch)
 
                 def factory(s, f, m, workers=workers, groups=groups):
-                    groups[workers] = RayExecutor(s, data_root=None, cache_dir=None, allowed_modules=None)
+                    groups[workers] = RayExecutor(s, data_root=data_root, cache_dir=cache_dir, allowed_modules=None)
                     return groups[workers]
 
                 launch = time.perf_counter()
-                trainer = Trainer(spec, run_dir=Path(tmp) / f"ray{workers}", executor_factory=factory)
+                trainer = Trainer(spec, run_dir=Path(tmp) / f"ray{workers}", data_root=data_root, cache_dir=cache_dir,
+                                  executor_factory=factory)
                 ready = time.perf_counter()
                 trainer.step()
                 done = time.perf_counter()

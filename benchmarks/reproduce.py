@@ -194,12 +194,14 @@ class ProtocolTrainer(Trainer):
     use the ``val`` tasks (the test characters at other task coordinates), the final one ``test``.
     """
 
-    def __init__(self, spec: JobSpec, protocol: Protocol, **kwargs: Any) -> None:
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: JobSpec, protocol: Protocol, *, data_root: Path | None, cache_dir: Path | None,
+                 **kwargs: Any) -> None:
+        super().__init__(spec, data_root=data_root, cache_dir=cache_dir, **kwargs)
         self.protocol = protocol
         if protocol.task:
             test_task = type(spec.task).model_validate({**spec.task.model_dump(), **protocol.task})
-            self.test_family = build_task_family(test_task, dtype=torch_dtype(spec))
+            self.test_family = build_task_family(test_task, data_root=data_root, cache_dir=cache_dir,
+                                                 dtype=torch_dtype(spec))
         else:
             self.test_family = self.family
         self.eval_seconds = 0.0
@@ -265,7 +267,8 @@ def _plan(calibration: dict[str, float], budget: Budget, elapsed: float, paper_i
     return {"iterations": planned, "eval_tasks": tasks, "eval_every": max(1, planned // points)}
 
 
-def run_row(row: Row, budget: Budget, *, seed: int) -> dict[str, Any]:
+def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = None,
+            cache_dir: Path | None = None) -> dict[str, Any]:
     """Meta-train one row within its budget and meta-test it; everything that ran, as a JSON dict."""
     assert row.spec is not None and row.protocol is not None
     spec = JobSpec.model_validate({**row.spec, "seed": seed})
@@ -274,7 +277,8 @@ def run_row(row: Row, budget: Budget, *, seed: int) -> dict[str, Any]:
     curve: list[dict[str, Any]] = []
     try:
         row_start = time.perf_counter()
-        trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "calibration")
+        data = {"data_root": data_root, "cache_dir": cache_dir}
+        trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "calibration", **data)
         setup_s = time.perf_counter() - row_start
         calibration = _calibrate(trainer, budget)
         plan = _plan(calibration, budget, time.perf_counter() - row_start, paper_iterations)
@@ -288,7 +292,7 @@ def run_row(row: Row, budget: Budget, *, seed: int) -> dict[str, Any]:
             # trainer (the calibration iterations are not kept) with that schedule.
             spec = JobSpec.model_validate({**spec.model_dump(), **updates,
                                            "outer": {**spec.outer.model_dump(), "iterations": plan["iterations"]}})
-            trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "run")
+            trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "run", **data)
         else:
             # The calibration iterations are the first iterations of the run; the spec's schedule stays
             # the paper's and the budget stops it.
@@ -541,6 +545,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap on each row's final meta-test (lowers N when needed; the table says so)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this machine is shared)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
+                        help="folder of the Omniglot zips, or its parent (default: $MAML_DATA_ROOT)")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"),
+                        help="decoded Omniglot cache (default: $MAML_CACHE_DIR, else ~/.cache/maml-service)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: seconds per row, 20 test tasks; writes reproduce.quick.*")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
@@ -578,7 +587,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         logger.info("%s: %s, budget %.0fs", row.name, row.title, budget.train_s)
         load_start = round(os.getloadavg()[0], 2)
-        entry = run_row(row, budget, seed=args.seed)
+        entry = run_row(row, budget, seed=args.seed, data_root=args.data_root,
+                        cache_dir=Path(args.cache_dir).expanduser())
         entry["host"] = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "python": platform.python_version(), "machine": platform.machine(),
                          "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)}

@@ -70,7 +70,6 @@ from workers.spec import JobSpec
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 ADMIN_TOKEN = "bench-admin-token-4e8b1f0c7a29d6e3"
-OMNIGLOT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot" / "images_evaluation.zip"
 SEED_TENANTS = ("bench-a", "bench-b")
 TARGETS = {"sinusoid_p50_ms": 10.0, "omniglot_p50_ms": 60.0, "jobs_page_p50_ms": 50.0}
 
@@ -165,10 +164,21 @@ def seed_jobs(settings: Settings, n: int) -> None:
     engine.dispose()
 
 
-def omniglot_pngs(n_classes: int, per_class: int) -> list[list[str]]:
+def omniglot_folder(data_root: Path | None) -> Path:
+    """The folder of the Omniglot zips: ``data_root`` itself or its ``omniglot/`` (as the service looks)."""
+    if data_root is None:
+        raise SystemExit("the adaptation benchmark trains and queries an Omniglot model: pass --data-root "
+                         "(or set MAML_DATA_ROOT) to the folder of the Omniglot zips or its parent")
+    for folder in (data_root, data_root / "omniglot"):
+        if (folder / "images_evaluation.zip").is_file():
+            return folder
+    raise SystemExit(f"--data-root {data_root}: no images_evaluation.zip in it or in its omniglot/ folder")
+
+
+def omniglot_pngs(folder: Path, n_classes: int, per_class: int) -> list[list[str]]:
     """Base64 PNGs of real Omniglot drawings (evaluation alphabets): ``per_class`` of each of
     ``n_classes`` characters, as they are in the zip (105x105)."""
-    with zipfile.ZipFile(OMNIGLOT_ZIP) as archive:
+    with zipfile.ZipFile(folder / "images_evaluation.zip") as archive:
         by_char: dict[str, list[str]] = {}
         for info in archive.infolist():
             if info.filename.endswith(".png"):
@@ -591,6 +601,9 @@ def main() -> None:
                         help="MAML_ADAPT_MAX_CONCURRENCY (default: the server's)")
     parser.add_argument("--adapt-queue-limit", type=int, default=None,
                         help="MAML_ADAPT_QUEUE_LIMIT (default: the server's)")
+    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
+                        help="folder of the Omniglot zips, or its parent; the server's MAML_DATA_ROOT "
+                             "(default: $MAML_DATA_ROOT)")
     args = parser.parse_args()
     sequential, concurrent, pages, warmup = (40, 160, 15, 10) if args.quick else (200, 400, 50, 20)
     repeats = 1 if args.quick else args.repeats
@@ -600,6 +613,12 @@ def main() -> None:
         extra_env["MAML_ADAPT_MAX_CONCURRENCY"] = str(args.adapt_max_concurrency)
     if args.adapt_queue_limit is not None:
         extra_env["MAML_ADAPT_QUEUE_LIMIT"] = str(args.adapt_queue_limit)
+    omniglot = None
+    if args.only in ("all", "adapt"):
+        omniglot = omniglot_folder(args.data_root.expanduser().resolve() if args.data_root else None)
+    # The server's environment is cleared of MAML_* (see Server.start), so the data root is given again;
+    # it is not part of the report's settings (a path of this machine).
+    data_env = {"MAML_DATA_ROOT": str(omniglot), "MAML_DATA_ROOTS": str(omniglot)} if omniglot else {}
     defaults = {name: field.default for name, field in Settings.model_fields.items()}  # not the environment
     concurrency = args.adapt_max_concurrency or defaults["adapt_max_concurrency"]
     queue_limit = args.adapt_queue_limit if args.adapt_queue_limit is not None else defaults["adapt_queue_limit"]
@@ -612,7 +631,7 @@ def main() -> None:
         t0 = time.perf_counter()
         seed_jobs(Settings.model_validate({"data_dir": data_dir, "admin_token": ADMIN_TOKEN}), args.jobs)
         print(f"stored {args.jobs} job rows in {time.perf_counter() - t0:.1f}s", flush=True)
-        server = Server(data_dir, extra_env, Path(tmp) / "server.log", app=args.app,
+        server = Server(data_dir, {**extra_env, **data_env}, Path(tmp) / "server.log", app=args.app,
                         fallback_app=args.fallback_app or None, ray_restarts=args.ray_restarts)
         try:
             base = server.start()
@@ -623,7 +642,8 @@ def main() -> None:
                 result["jobs"] = bench_jobs(server, args.jobs, admin, tenant_a, pages=pages, repeats=repeats)
             if args.only in ("all", "adapt"):
                 trainer = tenant_key(base, "bench-train")
-                result["adapt"], sine_model = bench_adapt(server, trainer, sequential=sequential,
+                assert omniglot is not None
+                result["adapt"], sine_model = bench_adapt(server, trainer, omniglot, sequential=sequential,
                                                           concurrent=concurrent, warmup=warmup, repeats=repeats)
                 result["saturation"] = saturation(server, trainer, sine_model, concurrency + queue_limit)
             metrics_text = httpx.get(f"{server.base}/metrics", timeout=10).text
@@ -681,14 +701,14 @@ def bench_jobs(server: Server, stored: int, admin: dict[str, str], tenant: dict[
     return {"stored": stored, "limit": 100, "pages": rows}
 
 
-def bench_adapt(server: Server, secret: str, *, sequential: int, concurrent: int, warmup: int,
+def bench_adapt(server: Server, secret: str, omniglot: Path, *, sequential: int, concurrent: int, warmup: int,
                 repeats: int) -> tuple[list[dict[str, Any]], str]:
     """Train the two models over HTTP, then adaptation latency with 1 and 16 clients."""
     trained = train(server, secret, [SINE_JOB, OMNIGLOT_JOB])
     server.allow_fallback = True
     sine_model = trained["bench-sine"]["model_id"]
     omni_model = trained["bench-omniglot"]["model_id"]
-    images = omniglot_pngs(5, 16)
+    images = omniglot_pngs(omniglot, 5, 16)
     bodies = {
         "sinusoid K=10, 10 steps, 10 queries": (sine_model, sine_body(random.Random(0))),
         "omniglot 5w1s, 10 steps, 5 query PNGs": (omni_model, omniglot_body(images, 1)),

@@ -3,6 +3,8 @@
 Read it through :func:`get_settings` (cached), or build ``Settings(...)`` explicitly and hand it to
 ``api.main.create_app`` (tests do). The database and the storage default to places under
 ``data_dir``, so one ``MAML_DATA_DIR`` moves a deployment; the dataset cache is shared by default.
+This is the one place that reads the environment: the service hands ``data_root`` and ``cache_path``
+to the workers explicitly, and the engine has no defaults of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
 
-# The repository's sibling ``shared/data`` holds the datasets in this project's layout (Omniglot).
-_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Secrets that appear in docs and templates: refused outside development.
 _WEAK_SECRETS = {"changeme", "changethis", "admin", "secret", "password", "token", "test", "maml", "default"}
 _MIN_SECRET_LENGTH = 16
@@ -54,13 +54,14 @@ class Settings(BaseSettings):
     checkpoint_uri: str | None = Field(
         None, description="where job checkpoints go instead of the storage path: a URI that pyarrow.fs opens "
         "(s3://bucket/prefix, gs://..., hdfs://...); jobs use <uri>/jobs/<job id>/checkpoints")
-    cache_dir: Path | None = Field(
-        None, description="decoded dataset caches, shared by runs; default ~/.cache/maml-service as the workers'")
+    cache_dir: Path = Field(
+        Path("~/.cache/maml-service"),
+        description="decoded dataset caches (Omniglot), shared by runs; the service passes it to its workers")
     data_root: Path | None = Field(
-        _SHARED_DATA if _SHARED_DATA.is_dir() else None,
-        description="default dataset folder (Omniglot without task.path); must be inside data_roots")
+        None, description="default dataset folder (Omniglot without task.path; the folder or its omniglot/ "
+        "holds the zips); always allowed as a data root. Unset: Omniglot jobs must give task.path")
     data_roots: Annotated[list[Path], NoDecode] = Field(
-        default_factory=lambda: [_SHARED_DATA] if _SHARED_DATA.is_dir() else [],
+        default_factory=list,
         description="folders a job's task.path may point into (comma-separated in the environment)")
     admin_token: SecretStr | None = Field(
         None, description="the admin bearer key (creates tenant keys); at least 16 characters in production")
@@ -142,11 +143,7 @@ class Settings(BaseSettings):
 
     @property
     def cache_path(self) -> Path:
-        if self.cache_dir is not None:
-            return self.cache_dir.expanduser()
-        from workers.tasks import default_cache_dir  # one default for the service and the workers
-
-        return default_cache_dir()
+        return self.cache_dir.expanduser()
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -4,6 +4,7 @@ keys: the admin's headers and a factory of tenant keys."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +62,31 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
 
 def make_app(settings: Settings, runner: Callable[..., TrainResult] = in_process_runner) -> FastAPI:
     return create_app(settings, backend=lambda _settings: runner)
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """The real Omniglot (marker ``data``): ``MAML_DATA_ROOT``, as ``make test`` and ``.ci/run`` set it.
+
+    Fails rather than skips without it, so a run that was meant to read the real data cannot pass
+    without having read it (deselect with ``-m "not data"``).
+    """
+    value = os.environ.get("MAML_DATA_ROOT")
+    if not value:
+        pytest.fail("MAML_DATA_ROOT is not set: the tests marked `data` read the real Omniglot from it "
+                    "(`make test` sets it to ../shared/data; or deselect them with -m 'not data')", pytrace=False)
+    root = Path(value).expanduser()
+    for folder in (root, root / "omniglot"):
+        if all((folder / name).is_file() for name in ("images_background.zip", "images_evaluation.zip")):
+            return folder
+    pytest.fail(f"MAML_DATA_ROOT={value}: no images_background.zip and images_evaluation.zip in it or in its "
+                "omniglot/ folder", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def dataset_cache() -> Path:
+    """A cache of decoded data shared by test sessions: ``MAML_CACHE_DIR``, else ``~/.cache/maml-service``."""
+    return Path(os.environ.get("MAML_CACHE_DIR") or "~/.cache/maml-service").expanduser()
 
 
 @pytest.fixture

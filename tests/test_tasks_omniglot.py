@@ -13,11 +13,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from workers.spec import OmniglotTask, SinusoidTask
-from workers.tasks import DatasetError, build_task_family, default_cache_dir
+from workers.tasks import DatasetError, build_task_family
 from workers.tasks import omniglot as om
 from workers.tasks.omniglot import OmniglotFamily, preprocess_image
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 # background: 2 alphabets x 3 characters; evaluation: 2 alphabets x 2 characters (10 in all)
 LAYOUT = {"images_background": {"Alpha": 3, "Beta": 3}, "images_evaluation": {"Gamma": 2, "Delta": 2}}
 S = 16
@@ -220,23 +219,29 @@ def test_dataset_error_pickles():
     assert isinstance(err, ValueError) and err.field == "task.ways" and str(err) == "task.ways: too many"
 
 
-def test_build_task_family(fake_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("MAML_CACHE_DIR", str(tmp_path / "env-cache"))
-    assert default_cache_dir() == tmp_path / "env-cache"
-    fam = build_task_family(OmniglotTask(family="omniglot", image_size=S), data_root=fake_root)
-    assert isinstance(fam, OmniglotFamily) and list((tmp_path / "env-cache").glob("*.npy"))
-    monkeypatch.setenv("MAML_DATA_ROOT", str(fake_root))
-    assert build_task_family(OmniglotTask(family="omniglot", image_size=S)).output_dim == 5
+def test_build_task_family(fake_root, tmp_path):
+    fam = build_task_family(OmniglotTask(family="omniglot", image_size=S), data_root=fake_root,
+                            cache_dir=tmp_path / "cache")
+    assert isinstance(fam, OmniglotFamily) and list((tmp_path / "cache").glob("*.npy"))
+    with pytest.raises(DatasetError, match=r"^task\.path: no Omniglot folder is configured"):
+        build_task_family(OmniglotTask(family="omniglot", image_size=S))  # no default data root of its own
     sinusoid = build_task_family(SinusoidTask(), dtype=torch.float64)
     assert sinusoid.loss == "mse" and sinusoid.sample(0, 0, 0).x_support.dtype == torch.float64
 
 
+def test_without_a_cache_dir_nothing_is_written(fake_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fam = build_task_family(OmniglotTask(family="omniglot", image_size=S), data_root=fake_root)
+    assert fam.data.images.shape == (10, 20, S, S) and not isinstance(fam.data.images, np.memmap)
+    assert list(tmp_path.iterdir()) == []
+    again = build_task_family(OmniglotTask(family="omniglot", image_size=S), data_root=fake_root)
+    assert again.data.images is fam.data.images  # decoded once per process
+
+
 @pytest.mark.data
-def test_real_omniglot():
-    if not (REAL / "images_background.zip").is_file():
-        pytest.skip(f"no Omniglot data at {REAL}")
+def test_real_omniglot(omniglot_root, dataset_cache):
     # A session-wide cache (MAML_CACHE_DIR or ~/.cache/maml-service): built once (seconds), then reused.
-    fam = family(REAL, default_cache_dir(), image_size=28)
+    fam = family(omniglot_root, dataset_cache, image_size=28)
     data = fam.data
     assert data.images.shape == (1623, 20, 28, 28) and data.background == 964
     assert len(set(data.characters)) == 1623
@@ -245,9 +250,9 @@ def test_real_omniglot():
     task = fam.sample(0, 0, 0)
     assert task.x_support.shape == (5, 1, 28, 28) and task.x_query.shape == (75, 1, 28, 28)
     assert 0.02 < task.x_query.mean() < 0.3  # thin ink strokes on empty paper
-    big = family(REAL, default_cache_dir(), image_size=28, ways=20, shots=1, queries=5)
+    big = family(omniglot_root, dataset_cache, image_size=28, ways=20, shots=1, queries=5)
     for split in ("train", "test"):
         t = big.sample(1, 2, 3, split)
         assert t.x_support.shape == (20, 1, 28, 28) and t.y_query.shape == (100,)
-    official = family(REAL, default_cache_dir(), image_size=28, ways=20, split="official")
+    official = family(omniglot_root, dataset_cache, image_size=28, ways=20, split="official")
     assert len(official.classes["train"]) == 964 and len(official.classes["test"]) == 659

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -11,23 +10,7 @@ from workers.errors import DatasetError
 from workers.spec import ImageFolderTask, OmniglotTask, SinusoidTask
 from workers.tasks.base import Task, TaskFamily
 
-__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family", "default_cache_dir",
-           "default_data_root"]
-
-# The shared data folder beside the repository: <repo>/../shared/data/omniglot.
-_SHARED_OMNIGLOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
-
-
-def default_cache_dir() -> Path:
-    """``MAML_CACHE_DIR``, else ``~/.cache/maml-service``."""
-    return Path(os.environ.get("MAML_CACHE_DIR") or Path.home() / ".cache" / "maml-service").expanduser()
-
-
-def default_data_root() -> Path | None:
-    """``MAML_DATA_ROOT``, else ``../shared/data/omniglot`` beside the repository if it exists."""
-    if os.environ.get("MAML_DATA_ROOT"):
-        return Path(os.environ["MAML_DATA_ROOT"]).expanduser()
-    return _SHARED_OMNIGLOT if _SHARED_OMNIGLOT.is_dir() else None
+__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family"]
 
 
 def build_task_family(
@@ -40,8 +23,10 @@ def build_task_family(
     """The task family of a job's ``task`` spec.
 
     ``data_root`` (Omniglot only, when ``task.path`` is unset) holds the two zips, directly or in an
-    ``omniglot/`` sub-folder. Raises :class:`DatasetError` naming the spec field when the data is
-    missing or too small for the spec.
+    ``omniglot/`` sub-folder; ``cache_dir`` keeps Omniglot decoded between processes (without it the
+    zips are decoded in every process). Both come from the caller's settings (the service's
+    ``Settings``, or the options of ``python -m workers``): nothing here reads the environment.
+    Raises :class:`DatasetError` naming the spec field when the data is missing or too small for the spec.
     """
     if isinstance(spec_task, SinusoidTask):
         from workers.tasks.sinusoid import SinusoidFamily
@@ -50,12 +35,7 @@ def build_task_family(
     if isinstance(spec_task, OmniglotTask):
         from workers.tasks.omniglot import OmniglotFamily
 
-        return OmniglotFamily(
-            spec_task,
-            data_root=data_root if data_root is not None else default_data_root(),
-            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
-            dtype=dtype,
-        )
+        return OmniglotFamily(spec_task, data_root=data_root, cache_dir=cache_dir, dtype=dtype)
     if isinstance(spec_task, ImageFolderTask):
         from workers.tasks.image_folder import ImageFolderFamily
 

@@ -2,7 +2,7 @@
 
 Data: ``images_background.zip`` and ``images_evaluation.zip`` of the official release (1,623
 characters, 20 drawings each, 105x105 black-and-white PNG), read from ``task.path`` or else the
-configured data root (the folder itself, or its ``omniglot/`` sub-folder).
+data root its caller passes (the folder itself, or its ``omniglot/`` sub-folder).
 
 Pixels: every image goes through :func:`preprocess_image` (grey, resized to ``image_size`` with
 LANCZOS as the MAML reference's resize script, inverted): ink is 1.0, paper is 0.0, values in [0, 1].
@@ -62,7 +62,8 @@ PAPER_CHARACTERS, PAPER_TRAIN = 1623, 1200
 SPLIT_SEED = 0
 _CACHE_VERSION = 1
 _HOW_TO_SET = ("set the task's `path` field to the folder that holds images_background.zip and "
-               "images_evaluation.zip, or the MAML_DATA_ROOT setting")
+               "images_evaluation.zip, or the data root setting (MAML_DATA_ROOT for the service, "
+               "--data-root for python -m workers)")
 
 
 class OmniglotData(NamedTuple):
@@ -249,9 +250,19 @@ def _read_cache(npy: Path, meta_path: Path, image_size: int) -> OmniglotData | N
     return OmniglotData(images, characters, int(meta["background"]))
 
 
-def load_omniglot(folder: Path, image_size: int, cache_dir: Path) -> OmniglotData:
-    """Both zips as one array, from this process's memory, the disk cache, or decoded (then cached)."""
+def load_omniglot(folder: Path, image_size: int, cache_dir: Path | None) -> OmniglotData:
+    """Both zips as one array, from this process's memory, the disk cache, or decoded (then cached).
+
+    Without ``cache_dir`` nothing is written: the zips are decoded once per process.
+    """
     stem = f"omniglot_{image_size}px_{fingerprint(folder)}"
+    if cache_dir is None:
+        key = folder.resolve() / stem  # one decoded copy per process and content
+        with _MEMORY_LOCK:
+            if key not in _MEMORY:
+                log.warning("no Omniglot cache folder is configured: decoding the zips in this process")
+                _MEMORY[key] = decode_zips(folder, image_size)
+            return _MEMORY[key]
     npy, meta_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     with _MEMORY_LOCK:
         if npy in _MEMORY:
@@ -302,7 +313,7 @@ class OmniglotFamily:
     input_shape: tuple[int, ...]
     output_dim: int
 
-    def __init__(self, spec: OmniglotTask, *, data_root: Path | None, cache_dir: Path,
+    def __init__(self, spec: OmniglotTask, *, data_root: Path | None, cache_dir: Path | None,
                  dtype: torch.dtype = torch.float32) -> None:
         if spec.shots + spec.queries > DRAWINGS:
             raise DatasetError("task.shots", f"shots + queries = {spec.shots + spec.queries}: Omniglot has "
@@ -312,7 +323,8 @@ class OmniglotFamily:
         self.input_shape = (1, spec.image_size, spec.image_size)
         self.output_dim = spec.ways
         self.folder = find_folder(spec.path, data_root)
-        self.data = load_omniglot(self.folder, spec.image_size, Path(cache_dir).expanduser())
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.data = load_omniglot(self.folder, spec.image_size, cache)
         if len(self.data.characters) < 2 or (spec.split == "official"
                                              and not 0 < self.data.background < len(self.data.characters)):
             raise DatasetError("task.path", f"{self.folder}: too few characters to split "
