@@ -1,7 +1,7 @@
 """Checkpoints: everything an exact resume needs, as safetensors plus JSON.
 
-Layout of one checkpoint (a directory, written under a temporary name and renamed into place,
-so a crash mid-write never leaves a half checkpoint that a resume would pick up)::
+Layout of one checkpoint (a directory; a crash mid-write never leaves a half checkpoint that a
+resume would pick up)::
 
     checkpoints/iter_00000100/
         model.safetensors       parameters and buffers, by module name
@@ -9,12 +9,14 @@ so a crash mid-write never leaves a half checkpoint that a resume would pick up)
         state.json              spec, iteration, optimizer param groups and scalar state,
                                 torch RNG state, latest metrics
 
-The checkpoint directory is a local path by default, or any URI that ``pyarrow.fs`` opens (what
-Ray Train accepts as a storage path): ``s3://bucket/prefix`` (options in the query string, such
-as ``?endpoint_override=host:port&scheme=http``; credentials from the environment, as boto3 reads
-them), ``gs://``, ``hdfs://``, ``file://``. Object stores cannot rename a directory, so there a
-checkpoint's ``state.json`` is written last and is the commit mark: a checkpoint without it is
-incomplete, never read, and removed by a later save.
+The checkpoint directory is a local path, or any URI that ``pyarrow.fs`` opens (what Ray Train
+accepts as a storage path): ``s3://bucket/prefix`` (options in the query string, such as
+``?endpoint_override=host:port&scheme=http``; credentials from the environment, as boto3 reads
+them), ``gs://``, ``hdfs://``, ``file://``. Both are one pyarrow filesystem plus a base path (a
+``LocalFileSystem`` for a local path). Locally a checkpoint is written under a temporary name,
+fsynced and renamed into place. Object stores cannot rename a directory, so there a checkpoint's
+``state.json`` is written last and is the commit mark: a checkpoint without it is incomplete,
+never read, and removed by a later save.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,77 +88,93 @@ class CheckpointStorageError(RuntimeError):
 
 
 class _Store:
-    """The checkpoint directory: local (atomic renames, fsync) or a pyarrow filesystem (commit mark)."""
+    """A checkpoint directory: a pyarrow filesystem and the directory's path in it.
+
+    A plain path (or ``file://``) is a ``LocalFileSystem``; any other URI is whatever filesystem
+    ``pyarrow.fs`` opens for it. Every operation goes through the filesystem; the one difference is
+    how a checkpoint becomes visible (see :meth:`write`): a local directory can be renamed
+    atomically, an object store cannot.
+    """
 
     def __init__(self, location: Location) -> None:
-        self.fs: pafs.FileSystem | None = None
         text = str(location)
         if "://" in text:
             try:
-                fs, path = pafs.FileSystem.from_uri(text)
+                self.fs, path = pafs.FileSystem.from_uri(text)
             except (pa.ArrowException, ValueError, OSError) as exc:
                 raise CheckpointStorageError(f"checkpoint location {text!r}: {exc}") from exc
-            if not isinstance(fs, pafs.LocalFileSystem):
-                self.fs, self.uri, self.root = fs, text, path.rstrip("/")
-                return
-            location = path
-        self.local = Path(location)
+        else:
+            self.fs, path = pafs.LocalFileSystem(), str(Path(location).absolute())
+        self.root = path.rstrip("/") or "/"
+        self.renames_atomically = isinstance(self.fs, pafs.LocalFileSystem)
+        # What callers get back: a local checkpoint as a Path (relative if given so), others as URIs.
+        self.base: Location = text
+        if self.renames_atomically:
+            self.base = Path(path) if "://" in text else Path(location)
 
-    def where(self, name: str) -> Path | str:
-        return self.local / name if self.fs is None else join(self.uri, name)
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def where(self, name: str) -> Location:
+        return join(self.base, name)
 
     def names(self) -> list[str]:
         """Every entry under the location that looks like a checkpoint, complete or not."""
-        if self.fs is None:
-            if not self.local.is_dir():
-                return []
-            return [p.name for p in self.local.iterdir() if p.name.startswith(_PREFIX)]
         selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
         return [info.base_name for info in self.fs.get_file_info(selector)
                 if info.type == pafs.FileType.Directory and info.base_name.startswith(_PREFIX)]
 
     def complete(self, name: str) -> bool:
-        if self.fs is None:
-            return (self.local / name / "state.json").is_file()
-        return self.fs.get_file_info(f"{self.root}/{name}/state.json").type == pafs.FileType.File
+        return self.fs.get_file_info(self._path(name, "state.json")).type == pafs.FileType.File
 
     def read(self, name: str, file: str) -> bytes:
-        if self.fs is None:
-            return (self.local / name / file).read_bytes()
-        with self.fs.open_input_stream(f"{self.root}/{name}/{file}") as stream:
+        with self.fs.open_input_stream(self._path(name, file)) as stream:
             return stream.readall()
 
     def write(self, name: str, files: dict[str, bytes]) -> None:
-        """Write one checkpoint's files so that a reader sees all of them or none (``state.json`` last)."""
-        if self.fs is None:
-            self.local.mkdir(parents=True, exist_ok=True)
-            final = self.local / name
-            tmp = self.local / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for file, data in files.items():
-                with open(tmp / file, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+        """Write one checkpoint's files so that a reader sees all of them or none.
+
+        Local: into a staging directory, each file fsynced, then renamed into place. Object stores
+        cannot rename a directory, so the files go in place with ``state.json`` last: it is the
+        commit mark, and a checkpoint without it is never read (``complete``).
+        """
+        if self.renames_atomically:
+            staging = self._path(f".tmp-{name}-{os.getpid()}")
+            self._delete(staging)
+            self.fs.create_dir(staging, recursive=True)
+            self._write_files(staging, files)
+            self._delete(self._path(name))  # a rename does not replace a non-empty directory
+            self.fs.move(staging, self._path(name))
+            _fsync(self.root)  # the rename itself
             return
         # A complete checkpoint of this iteration (the same training state: a cancel right after a
         # periodic save) is overwritten in place, never deleted first; an incomplete one is cleared.
         if not self.complete(name):
             self.delete(name)
+        self._write_files(self._path(name), files)
+
+    def _write_files(self, directory: str, files: dict[str, bytes]) -> None:
         for file, data in sorted(files.items(), key=lambda item: item[0] == "state.json"):
-            with self.fs.open_output_stream(f"{self.root}/{name}/{file}") as stream:
+            with self.fs.open_output_stream(f"{directory}/{file}") as stream:
                 stream.write(data)
+            if self.renames_atomically:
+                _fsync(f"{directory}/{file}")
 
     def delete(self, name: str) -> None:
-        if self.fs is None:
-            shutil.rmtree(self.local / name, ignore_errors=True)
-            return
-        if self.fs.get_file_info(f"{self.root}/{name}").type != pafs.FileType.NotFound:
-            self.fs.delete_dir(f"{self.root}/{name}")
+        self._delete(self._path(name))
+
+    def _delete(self, path: str) -> None:
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(path)
+
+
+def _fsync(path: str) -> None:
+    """Flush a local file's (or directory's) data to disk: a crash after this cannot lose it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _iteration(name: str) -> int:
