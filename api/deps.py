@@ -6,19 +6,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import runs
 from service.adaptation import Adapter
 from service.config import Settings
+from service.db import RunState
 from service.errors import Forbidden, Unavailable
 from service.keys import Authenticator, Principal
-from service.manager import JobManager
+from service.manager import JobManager, SweepManager
 from service.metrics import ServiceMetrics
-from service.sweeps import SweepManager
 
 
 @dataclass
@@ -76,6 +77,16 @@ async def get_current_key(
     return await run_in_threadpool(services.authenticator.authenticate, secret)
 
 
+async def check_run(services: Services, table: type[RunState], run_id: str, key: Principal) -> None:
+    """NotFound unless the caller may see the run: for async handlers, which hold no session."""
+
+    def check() -> None:
+        with services.session_factory() as session:
+            runs.get_run(session=session, table=table, run_id=run_id, scope=key.scope)
+
+    await run_in_threadpool(check)
+
+
 def require_admin(key: Annotated[Principal, Depends(get_current_key)]) -> Principal:
     if not key.is_admin:
         raise Forbidden("this endpoint needs the admin key")
@@ -90,3 +101,5 @@ SweepManagerDep = Annotated[SweepManager, Depends(get_sweep_manager)]
 AdapterDep = Annotated[Adapter, Depends(get_adapter)]
 CurrentKey = Annotated[Principal, Depends(get_current_key)]
 AdminKey = Annotated[Principal, Depends(require_admin)]
+PageLimit = Annotated[int, Query(ge=1, le=500)]
+PageOffset = Annotated[int, Query(ge=0, le=2**31)]

@@ -29,9 +29,8 @@ from service.adaptation import Adapter
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine, make_session_factory
 from service.keys import Authenticator
-from service.manager import JobManager, RunFn
+from service.manager import JobManager, RunFn, SweepManager
 from service.metrics import ServiceMetrics
-from service.sweeps import SweepManager
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"

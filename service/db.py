@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -29,7 +29,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, declared_attr, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from service.config import Settings
@@ -67,34 +67,51 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON, datetime: UTCDateTime}
 
 
-class Job(Base):
-    __tablename__ = "jobs"
+class RunState:
+    """The columns of a run, a job or a sweep: who owns it, its spec and where its run stands.
+
+    ``kind`` names the run in errors and logs; ``run_only`` are columns that only mean something
+    while it runs (cleared when a run starts, ends or is requeued). The indexes serve the list
+    endpoint's pages: newest first, per tenant, optionally by status. Each ends with id, the page
+    order's tie-breaker, so a page is read off the index in order.
+    """
+
+    kind: ClassVar[str]
+    run_only: ClassVar[tuple[str, ...]] = ()
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64))
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    iteration: Mapped[int] = mapped_column(Integer, default=0)
-    total: Mapped[int] = mapped_column(Integer)
-    eta_s: Mapped[float | None] = mapped_column(Float)
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the latest report
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # JOB_STATUSES
     error: Mapped[str | None] = mapped_column(Text)
     model_id: Mapped[str | None] = mapped_column(String(36))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts, restarts included
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts, restarts (resumes) included
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
-    __table_args__ = (
-        # The list endpoint's pages: newest first, per tenant, optionally by status.
-        # Each ends with id, the page order's tie-breaker, so a page is read off the index in order.
-        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
-        Index("ix_jobs_tenant_status_created", "tenant", "status", "created_at", "id"),
-        Index("ix_jobs_status_created", "status", "created_at", "id"),
-        Index("ix_jobs_created", "created_at", "id"),
-    )
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Index, ...]:
+        table = cls.__tablename__  # type: ignore[attr-defined]
+        return (Index(f"ix_{table}_tenant_created", "tenant", "created_at", "id"),
+                Index(f"ix_{table}_tenant_status_created", "tenant", "status", "created_at", "id"),
+                Index(f"ix_{table}_status_created", "status", "created_at", "id"),
+                Index(f"ix_{table}_created", "created_at", "id"))
+
+
+class Job(RunState, Base):
+    """A meta-training job: its progress, latest metrics and (``JobMetric``) series."""
+
+    __tablename__ = "jobs"
+    kind = "job"
+    run_only = ("eta_s",)
+
+    iteration: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the latest report
 
 
 class JobMetric(Base):
@@ -110,35 +127,17 @@ class JobMetric(Base):
     __table_args__ = (Index("ix_job_metrics_job_iteration", "job_id", "iteration"),)
 
 
-class Sweep(Base):
+class Sweep(RunState, Base):
     """A hyperparameter sweep: its spec (``workers.sweep_spec.SweepSpec``) and the latest trial snapshot.
 
     Tune's own state (what a resume restores from) lives in ``storage/sweeps/<id>/tune``.
     """
 
     __tablename__ = "sweeps"
+    kind = "sweep"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    tenant: Mapped[str] = mapped_column(String(64))
-    name: Mapped[str] = mapped_column(String(200))
-    spec: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # JOB_STATUSES
     trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # workers.sweep_spec.TrialInfo dumps
     best_trial_id: Mapped[str | None] = mapped_column(String(64))
-    model_id: Mapped[str | None] = mapped_column(String(36))
-    error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts, resumes included
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
-
-    __table_args__ = (
-        Index("ix_sweeps_tenant_created", "tenant", "created_at", "id"),
-        Index("ix_sweeps_tenant_status_created", "tenant", "status", "created_at", "id"),
-        Index("ix_sweeps_status_created", "status", "created_at", "id"),
-        Index("ix_sweeps_created", "created_at", "id"),
-    )
 
 
 class Model(Base):

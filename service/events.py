@@ -27,8 +27,8 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobs, sweeps
-from service.db import TERMINAL_STATUSES
+from service import jobs, runs
+from service.db import TERMINAL_STATUSES, Job, Sweep
 from service.schemas import JobPublic, MetricPoint, SweepPublic
 
 _POINTS_PER_POLL = 1000
@@ -37,7 +37,7 @@ _POINTS_PER_POLL = 1000
 def _snapshot(session_factory: sessionmaker[Session], job_id: str,
               after_id: int) -> tuple[JobPublic, list[tuple[int, MetricPoint]]]:
     with session_factory() as session:
-        job = jobs.get_job(session=session, job_id=job_id, scope=None)
+        job = runs.get_run(session=session, table=Job, run_id=job_id, scope=None)
         points = jobs.list_metrics(session=session, job_id=job_id, after_id=after_id, limit=_POINTS_PER_POLL,
                                    order_by_id=True)
         return JobPublic.from_row(job), [(p.id, MetricPoint.model_validate(p)) for p in points]
@@ -73,7 +73,7 @@ async def job_events(session_factory: sessionmaker[Session], job_id: str, *,
 
 def _sweep_snapshot(session_factory: sessionmaker[Session], sweep_id: str) -> SweepPublic:
     with session_factory() as session:
-        return SweepPublic.from_row(sweeps.get_sweep(session=session, sweep_id=sweep_id, scope=None))
+        return SweepPublic.from_row(runs.get_run(session=session, table=Sweep, run_id=sweep_id, scope=None))
 
 
 async def sweep_events(session_factory: sessionmaker[Session], sweep_id: str, *,

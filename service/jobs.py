@@ -1,12 +1,13 @@
 """Jobs: the submission policy (allow-listed factories, confined dataset paths) and data access.
 
-Data access functions are keyword-only and take the session; a ``scope`` of None is the admin
-(every tenant), otherwise the caller's tenant: another tenant's job is simply not found.
+What jobs share with sweeps (get, list, cancel, claim, finish, recover) is in :mod:`service.runs`;
+here is what only jobs have: their creation and their metric series. Data access functions are
+keyword-only and take the session.
 """
 
 from __future__ import annotations
 
-import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,15 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from service import runs
 from service.config import Settings
-from service.db import JOB_STATUSES, TERMINAL_STATUSES, Job, JobMetric, utcnow
-from service.errors import Conflict, InvalidInput, NotFound
+from service.db import JOB_STATUSES, Job, JobMetric
+from service.errors import InvalidInput
 from service.schemas import finite_metrics
 from workers.errors import ModelError, SpecError
 from workers.models import build_model
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
 from workers.training import build
-
-logger = logging.getLogger(__name__)
-
 
 # ------------------------------------------------------------------------------------------ policy
 
@@ -84,35 +83,12 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
 # ------------------------------------------------------------------------------------- data access
 
 
-def _scoped(statement: Any, scope: str | None) -> Any:
-    return statement if scope is None else statement.where(Job.tenant == scope)
-
-
 def create_job(*, session: Session, tenant: str, spec: JobSpec) -> Job:
     job = Job(tenant=tenant, name=spec.name, spec=spec.model_dump(mode="json"), status="queued",
               total=spec.outer.iterations, iteration=0, metrics={}, attempts=0, cancel_requested=False)
     session.add(job)
     session.commit()
     return job
-
-
-def get_job(*, session: Session, job_id: str, scope: str | None) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or (scope is not None and job.tenant != scope):
-        raise NotFound("job", job_id)
-    return job
-
-
-def list_jobs(*, session: Session, scope: str | None, status: str | None = None, limit: int = 100,
-              offset: int = 0) -> tuple[list[Job], int]:
-    """A page of jobs, newest first, and how many match in all."""
-    where = _scoped(select(Job), scope)
-    counted = _scoped(select(func.count()).select_from(Job), scope)
-    if status is not None:
-        where, counted = where.where(Job.status == status), counted.where(Job.status == status)
-    count = session.scalar(counted) or 0
-    rows = session.scalars(where.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)).all()
-    return list(rows), count
 
 
 def _metrics_filter(statement: Any, job_id: str, since: int | None, after_id: int | None) -> Any:
@@ -139,42 +115,10 @@ def count_metrics(*, session: Session, job_id: str, since: int | None = None) ->
     return session.scalar(_metrics_filter(select(func.count()).select_from(JobMetric), job_id, since, None)) or 0
 
 
-def request_cancel(*, session: Session, job_id: str, scope: str | None) -> Job:
-    """Cancel a queued job at once; flag a running one (the manager stops it). Finished: Conflict."""
-    job = get_job(session=session, job_id=job_id, scope=scope)
-    if job.status in TERMINAL_STATUSES:
-        raise Conflict(f"job '{job_id}' is already {job.status}")
-    if job.status == "queued":
-        changed = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                                  .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
-        if changed.rowcount == 0:  # type: ignore[attr-defined]  # claimed by a worker meanwhile
-            session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-    else:
-        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-    session.commit()
-    session.refresh(job)
-    return job
-
-
 def count_by_status(*, session: Session) -> dict[str, int]:
-    counts = dict.fromkeys(JOB_STATUSES, 0)
-    for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status)):
-        counts[status] = n
-    return counts
-
-
-# ----------------------------------------------------------------------------- manager transitions
-
-
-def claim_job(*, session: Session, job_id: str) -> Job | None:
-    """queued -> running, atomically; None if the job is no longer queued (cancelled meanwhile)."""
-    changed = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "queued")
-        .values(status="running", attempts=Job.attempts + 1, started_at=utcnow(), error=None, eta_s=None))
-    session.commit()
-    if changed.rowcount == 0:  # type: ignore[attr-defined]
-        return None
-    return session.get(Job, job_id, populate_existing=True)
+    counts = Counter(dict.fromkeys(JOB_STATUSES, 0))
+    counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all()))
+    return dict(counts)
 
 
 def record_progress(*, session: Session, job_id: str, points: Iterable[tuple[int, dict[str, float]]],
@@ -194,47 +138,9 @@ def record_progress(*, session: Session, job_id: str, points: Iterable[tuple[int
     session.commit()
 
 
-def is_cancel_requested(*, session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
 def finish_job(*, session: Session, job_id: str, status: str, error: str | None = None,
                model_id: str | None = None, iteration: int | None = None,
                metrics: dict[str, float] | None = None) -> None:
-    """A run ended: a terminal status, or back to queued (a shutdown, to resume on the next start)."""
-    values: dict[str, Any] = {"status": status, "error": error, "eta_s": None}
-    if status in TERMINAL_STATUSES:
-        values["finished_at"] = utcnow()
-    if model_id is not None:
-        values["model_id"] = model_id
-    if iteration is not None:
-        values["iteration"] = iteration
-    if metrics is not None:
-        values["metrics"] = finite_metrics(metrics)
-    session.execute(update(Job).where(Job.id == job_id).values(**values))
-    session.commit()
-
-
-def recover_jobs(*, session: Session, max_attempts: int) -> list[str]:
-    """After a restart: settle jobs a previous process left running; return the queue, oldest first.
-
-    A running job whose cancel was requested is cancelled; one started ``max_attempts`` times
-    already is failed with the reason (it keeps taking the service down, or keeps being killed);
-    the rest are requeued, and their runner resumes from the last checkpoint in the run folder.
-    """
-    for job in session.scalars(select(Job).where(Job.status == "running")).all():
-        if job.cancel_requested:
-            job.status, job.finished_at = "cancelled", utcnow()
-            logger.info("job %s: cancelled (cancel requested before the restart)", job.id)
-        elif job.attempts >= max_attempts:
-            job.status, job.finished_at = "failed", utcnow()
-            job.error = (f"Interrupted: the service stopped while the job was running, {job.attempts} times "
-                         f"(limit MAML_MAX_JOB_ATTEMPTS={max_attempts}); last progress at iteration {job.iteration}")
-            logger.warning("job %s: failed after %d interrupted attempts", job.id, job.attempts)
-        else:
-            job.status, job.eta_s = "queued", None
-            logger.info("job %s: interrupted at iteration %d, requeued to resume from its checkpoint",
-                        job.id, job.iteration)
-    session.commit()
-    return list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at)).all())
-
+    """A job's run ended (:func:`service.runs.finish_run`), with its final progress when given."""
+    runs.finish_run(session=session, table=Job, run_id=job_id, status=status, error=error, model_id=model_id,
+                    iteration=iteration, metrics=None if metrics is None else finite_metrics(metrics))

@@ -1,42 +1,43 @@
-"""The job manager: a queue and a bounded pool of threads, each driving one job's runner to its end.
+"""The job manager and the sweep manager: :class:`service.runs.RunQueue` specialised to run a job, or a sweep.
 
-A runner (``workers.distributed.run_training`` by default) blocks until the job ends, resumes
+A job runner (``workers.distributed.run_training`` by default) blocks until the job ends, resumes
 from ``run_dir/checkpoints`` on its own, reports ``(iteration, metrics)`` and polls
-``should_stop``. The manager turns that into database state:
+``should_stop``. :class:`JobManager` buffers the reports and writes them at most every
+``metrics_flush_s`` (and at every evaluation and the last iteration), with the progress and an ETA.
 
-* reports are buffered and written at most every ``metrics_flush_s`` (and at every evaluation
-  and the last iteration), with the progress and an ETA;
-* success registers the exported model and sets ``model_id``; an exception marks the job
-  ``failed`` with its type and message; a cancel stops the runner and marks it ``cancelled``;
-* a shutdown stops running jobs (the runner checkpoints) and leaves them ``queued``; on the next
-  start, :func:`service.jobs.recover_jobs` requeues whatever a crash left ``running``. No job is
-  lost or left running.
-
-One manager per database: two processes sharing a database would recover each other's jobs.
+A sweep is driven by ``workers.sweep.run_sweep`` on the service's Ray cluster (Ray Tune).
+:class:`SweepManager` writes the trial snapshot (at once when a trial's status changes, otherwise
+at most every ``metrics_flush_s``); ``should_stop`` reads the cancel flag, so a cancel through any
+process reaches the sweep within a second. A sweep that ends with a completed trial registers that
+best trial's model; one with no completed trial is failed with the trials' errors (a failing trial
+is only shown failed: the sweep goes on). A shutdown interrupts the sweep resumably (Tune's state
+stays in ``storage/sweeps/<id>``, see ``run_sweep(should_interrupt=...)``), and every sweep that has
+Tune state continues with ``resume=True``; a resume that fails marks the sweep failed with the reason.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobs, registry
+from service import jobs, registry, runs, sweeps
 from service.config import Settings
-from service.db import Job
+from service.db import Job, Model, Sweep
 from service.metrics import ServiceMetrics
-from workers.errors import TrainingError
+from service.runs import Outcome, RunQueue
+from service.schemas import finite_metrics
 from workers.spec import JobSpec
+from workers.sweep import EXPERIMENT_DIR, SweepInterrupted, run_sweep
+from workers.sweep_spec import SweepSpec, TrialInfo
 from workers.training import TrainResult
 
 logger = logging.getLogger(__name__)
-_MAX_ERROR_CHARS = 4000
 
 
 class RunFn(Protocol):
@@ -48,29 +49,27 @@ class RunFn(Protocol):
                  checkpoint_dir: str | Path | None = None) -> TrainResult: ...
 
 
-def describe_error(exc: BaseException) -> str:
-    """The cause of a failure as one line: type, message, iteration, and the underlying cause."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, TrainingError) and f"iteration {exc.iteration}" not in text:
-        text += f" (at iteration {exc.iteration})"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += f"; caused by {type(cause).__name__}: {cause}"
-    return text[:_MAX_ERROR_CHARS]
+def _flush_quietly(run: _JobRun | _SweepRun, kind: str) -> None:
+    try:
+        run.flush(force=True)
+    except Exception:
+        logger.exception("%s %s: could not write its last reports", kind, run.run_id)
 
 
-class _Run:
+# --------------------------------------------------------------------------------------------- jobs
+
+
+class _JobRun:
     """One running job: its cancel flag and its buffered reports."""
 
-    def __init__(self, manager: JobManager, job_id: str, total: int, start_iteration: int) -> None:
-        self.manager, self.job_id, self.total = manager, job_id, total
-        self.cancel = threading.Event()
+    def __init__(self, manager: JobManager, job: Job, cancel: threading.Event) -> None:
+        self.manager, self.run_id, self.total, self.cancel = manager, job.id, job.total, cancel
         self.lock = threading.Lock()
         self.buffer: list[tuple[int, dict[str, float]]] = []
         self.first: tuple[int, float] | None = None  # (iteration, time) of this run's first report
         self.replaced = False
         self.last_flush = time.monotonic()
-        self.last_iteration = start_iteration  # the last progress stored, to count new iterations
+        self.last_iteration = job.iteration  # the last progress stored, to count new iterations
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.manager.stopping
@@ -94,7 +93,7 @@ class _Run:
         rate = (self.last_iteration - self.first[0]) / max(time.monotonic() - self.first[1], 1e-9)
         return max(0.0, (self.total - self.last_iteration) / rate)
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         with self.lock:
             points, self.buffer = self.buffer, []
             replace_from = None
@@ -106,183 +105,158 @@ class _Run:
         if not points and replace_from is None:
             return
         with self.manager.session_factory() as session:
-            jobs.record_progress(session=session, job_id=self.job_id, points=points, eta_s=eta,
+            jobs.record_progress(session=session, job_id=self.run_id, points=points, eta_s=eta,
                                  replace_from=replace_from)
             # A cancel requested through another process reaches us here, at most one flush late.
-            if jobs.is_cancel_requested(session=session, job_id=self.job_id):
+            if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):
                 self.cancel.set()
 
 
-class JobManager:
-    """Runs queued jobs on ``settings.max_concurrent_jobs`` threads.
+class JobManager(RunQueue[Job]):
+    """Runs queued jobs on ``settings.max_concurrent_jobs`` threads (see :class:`service.runs.RunQueue`).
 
     >>> manager = JobManager(settings=settings, session_factory=factory)   # runner: Ray
-    >>> manager.start()            # recovers interrupted jobs, starts the threads
-    >>> manager.submit(job.id)     # after the job row is committed as queued
-    >>> manager.cancel(job.id)     # after jobs.request_cancel
-    >>> manager.stop()             # running jobs checkpoint and stay queued for the next start
     """
+
+    table = Job
 
     def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session], run_fn: RunFn | None = None,
                  metrics: ServiceMetrics | None = None) -> None:
-        self.settings = settings
-        self.session_factory = session_factory
+        super().__init__(settings=settings, session_factory=session_factory, slots=settings.max_concurrent_jobs,
+                         max_attempts=settings.max_job_attempts)
         self.run_fn = run_fn
         self.metrics = metrics or ServiceMetrics()
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._pending: set[str] = set()
-        self._running: dict[str, _Run] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    # -- public API ------------------------------------------------------------------------------
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    @property
-    def started(self) -> bool:
-        return bool(self._threads) and not self.stopping
-
-    @property
-    def queue_depth(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    @property
-    def running_jobs(self) -> list[str]:
-        with self._lock:
-            return list(self._running)
 
     def start(self) -> None:
-        if self._threads:
-            raise RuntimeError("the job manager is already started")
-        if self.run_fn is None:
+        if self.run_fn is None and not self._threads:
             from workers.distributed import run_training
 
             self.run_fn = run_training
-        with self.session_factory() as session:
-            queued = jobs.recover_jobs(session=session, max_attempts=self.settings.max_job_attempts)
-        for job_id in queued:
-            self.submit(job_id)
-        for n in range(self.settings.max_concurrent_jobs):
-            thread = threading.Thread(target=self._work, name=f"maml-jobs-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        logger.info("job manager started: %d slot(s), %d job(s) queued", len(self._threads), len(queued))
+        super().start()
 
-    def submit(self, job_id: str) -> None:
-        with self._lock:
-            if job_id in self._pending or job_id in self._running:
-                return
-            self._pending.add(job_id)
-        self._queue.put(job_id)
+    def interrupted_detail(self, row: Job) -> str:
+        return f"; last progress at iteration {row.iteration}"
 
-    def cancel(self, job_id: str) -> None:
-        """Stop a running job (its runner returns within an iteration); drop a queued one."""
-        with self._lock:
-            self._pending.discard(job_id)
-            run = self._running.get(job_id)
-        if run is not None:
-            run.cancel.set()
+    def register(self, session: Session, row: Job, export_dir: Path) -> Model:
+        return registry.register_model(session=session, job=row, export_dir=export_dir,
+                                       storage=self.settings.storage_path)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, ask running ones to stop, wait for them up to ``timeout`` seconds."""
-        if not self._threads:
-            return
-        self._stopping.set()
-        for _ in self._threads:
-            self._queue.put(None)
-        deadline = time.monotonic() + (self.settings.stop_timeout_s if timeout is None else timeout)
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                # Its job stays "running" in the database; the next start requeues it.
-                logger.warning("job thread %s did not stop in time; its job resumes on the next start", thread.name)
-        self._threads = []
-        logger.info("job manager stopped")
-
-    # -- the worker threads ----------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id is None or self.stopping:
-                return
-            with self._lock:
-                if job_id not in self._pending:  # cancelled while queued
-                    continue
-                self._pending.discard(job_id)
-            try:
-                self._run(job_id)
-            except Exception:  # bookkeeping failed (database down?): the job is recovered on restart
-                logger.exception("job %s: the manager failed to record its run", job_id)
-
-    def _run(self, job_id: str) -> None:
-        with self.session_factory() as session:
-            job = jobs.claim_job(session=session, job_id=job_id)
-        if job is None:
-            return
-        run = _Run(self, job_id, job.total, job.iteration)
-        with self._lock:
-            self._running[job_id] = run
-        if job.cancel_requested:
-            run.cancel.set()
-        logger.info("job %s (%s): started, attempt %d", job_id, job.name, job.attempts)
-        try:
-            outcome, fields = self._execute(job, run)
-        finally:
-            with self._lock:
-                self._running.pop(job_id, None)
-        with self.session_factory() as session:
-            if outcome == "succeeded":
-                try:
-                    model = registry.register_model(session=session, job=job, export_dir=fields.pop("export_dir"),
-                                                    storage=self.settings.storage_path)
-                    fields["model_id"] = model.id
-                except Exception as exc:
-                    session.rollback()
-                    logger.exception("job %s: registering its model failed", job_id)
-                    outcome, fields = "failed", {"error": f"registering the model failed: {describe_error(exc)}"}
-            jobs.finish_job(session=session, job_id=job_id, status=outcome, **fields)
+    def ended(self, outcome: str) -> None:
         if outcome != "queued":
             self.metrics.jobs_finished.labels(outcome).inc()
-        logger.info("job %s: %s%s", job_id, outcome, f" ({fields['error']})" if fields.get("error") else "")
 
-    def _execute(self, job: Job, run: _Run) -> tuple[str, dict[str, Any]]:
-        """Run the job; its outcome (a status) and the fields to store with it."""
+    def execute(self, row: Job, cancel: threading.Event) -> Outcome:
         settings = self.settings
         if self.run_fn is None:
             raise RuntimeError("the job manager runs jobs only after start()")
+        run = _JobRun(self, row, cancel)
         try:
-            spec = JobSpec.model_validate(job.spec)
+            spec = JobSpec.model_validate(row.spec)
             result = self.run_fn(
-                spec, run_dir=settings.storage_path / "jobs" / job.id, reporter=run.report,
+                spec, run_dir=settings.storage_path / "jobs" / row.id, reporter=run.report,
                 should_stop=run.should_stop, data_root=settings.data_root, cache_dir=settings.cache_path,
                 allowed_modules=settings.model_allowlist, report_every=settings.report_every,
-                checkpoint_dir=settings.job_checkpoint_dir(job.id))
+                checkpoint_dir=settings.job_checkpoint_dir(row.id))
         except Exception as exc:
-            self._flush_quietly(run)
-            if self.stopping and not run.cancel.is_set():
-                # Most likely the shutdown itself broke the run: resume it on the next start (bounded by
-                # max_job_attempts, so a genuine error still ends as failed).
-                logger.warning("job %s: %s during shutdown; requeued", job.id, describe_error(exc))
-                return "queued", {}
-            logger.warning("job %s failed: %s", job.id, describe_error(exc), exc_info=exc)
-            return "failed", {"error": describe_error(exc)}
-        self._flush_quietly(run)
-        final = {"iteration": result.iteration, "metrics": {**result.metrics, **result.eval_metrics}}
+            _flush_quietly(run, "job")
+            return self.failed(row, exc, cancel)
+        _flush_quietly(run, "job")
+        final = {"iteration": result.iteration, "metrics": finite_metrics({**result.metrics, **result.eval_metrics})}
         if result.cancelled:
-            return ("cancelled", final) if run.cancel.is_set() else ("queued", {})
+            return ("cancelled", final) if cancel.is_set() else ("queued", {})
         if result.model_dir is None:
             return "failed", {"error": "RuntimeError: the runner returned no exported model", **final}
         return "succeeded", {"export_dir": Path(result.model_dir), **final}
 
-    @staticmethod
-    def _flush_quietly(run: _Run) -> None:
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+class _SweepRun:
+    """One running sweep: its cancel flag and its latest, not yet written, trial snapshot."""
+
+    def __init__(self, manager: SweepManager, sweep_id: str, cancel: threading.Event) -> None:
+        self.manager, self.run_id, self.cancel = manager, sweep_id, cancel
+        self.lock = threading.Lock()
+        self.pending: list[TrialInfo] | None = None
+        self.written: list[tuple[str, str]] = []  # (trial id, status) as last written
+        self.last_write = float("-inf")
+
+    def update(self, trials: list[TrialInfo]) -> None:
+        """``run_sweep``'s on_trial_update: write status changes at once, progress throttled."""
+        with self.lock:
+            self.pending = trials
+        self.flush()
+
+    def should_stop(self) -> bool:
+        """``run_sweep``'s should_stop (asked every half second): a good moment for throttled writes too."""
+        if not self.cancel.is_set():
+            self.flush()
+        return self.cancel.is_set()
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self.lock:
+            trials = self.pending
+            statuses: list[tuple[str, str]] = ([(t.trial_id, t.status) for t in trials] if trials is not None
+                                               else self.written)
+            due = trials is not None and (force or statuses != self.written
+                                          or now - self.last_write >= self.manager.settings.metrics_flush_s)
+            if due:
+                self.pending, self.written, self.last_write = None, statuses, now
+        with self.manager.session_factory() as session:
+            if due and trials is not None:
+                sweeps.record_trials(session=session, sweep_id=self.run_id, trials=sweeps.trial_rows(trials))
+            if runs.is_cancel_requested(session=session, table=Sweep, run_id=self.run_id):  # from any process
+                self.cancel.set()
+
+
+class SweepManager(RunQueue[Sweep]):
+    """Runs queued sweeps on ``settings.max_concurrent_sweeps`` threads, on the service's Ray cluster
+    (started on first use); see :class:`service.runs.RunQueue`.
+
+    >>> manager = SweepManager(settings=settings, session_factory=factory)
+    """
+
+    table = Sweep
+    model_label = "the best model"
+
+    def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session]) -> None:
+        super().__init__(settings=settings, session_factory=session_factory, slots=settings.max_concurrent_sweeps,
+                         max_attempts=settings.max_sweep_attempts)
+
+    def storage_dir(self, sweep_id: str) -> Path:
+        return self.settings.storage_path / "sweeps" / sweep_id
+
+    def register(self, session: Session, row: Sweep, export_dir: Path) -> Model:
+        return registry.register_export(session=session, tenant=row.tenant, name=row.name, export_dir=export_dir,
+                                        storage=self.settings.storage_path, sweep_id=row.id)
+
+    def execute(self, row: Sweep, cancel: threading.Event) -> Outcome:
+        settings = self.settings
+        storage_dir = self.storage_dir(row.id)
+        resume = (storage_dir / EXPERIMENT_DIR).exists()  # a restart: continue from Tune's state
+        run = _SweepRun(self, row.id, cancel)
         try:
-            run.flush()
-        except Exception:
-            logger.exception("job %s: could not write its last metrics", run.job_id)
+            spec = SweepSpec.model_validate(row.spec)
+            from workers.distributed import ensure_ray
+
+            ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)  # no-op when the job backend did
+            result = run_sweep(
+                spec, storage_dir=storage_dir, on_trial_update=run.update, should_stop=run.should_stop,
+                should_interrupt=lambda: self.stopping, resume=resume, data_root=settings.data_root,
+                cache_dir=settings.cache_path, allowed_modules=settings.model_allowlist)
+        except SweepInterrupted:
+            _flush_quietly(run, "sweep")
+            logger.info("sweep %s: interrupted by the shutdown; it resumes on the next start", row.id)
+            return "queued", {}
+        except Exception as exc:
+            _flush_quietly(run, "sweep")
+            return self.failed(row, exc, cancel, prefix="resuming the sweep failed: " if resume else "")
+        trials = sweeps.trial_rows(result.trials)
+        if result.cancelled:
+            return "cancelled", {"trials": trials}
+        if result.best is None or result.best_model_dir is None:
+            return "failed", {"trials": trials, "error": sweeps.no_best(result)}
+        return "succeeded", {"trials": trials, "best_trial_id": result.best.trial_id,
+                             "export_dir": result.best_model_dir}

@@ -7,12 +7,13 @@ specification has one definition, shared by the API, the CLI and the workers.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.db import ApiKey, Job, Model, Sweep
+from service.db import ApiKey, Job, Model, RunState, Sweep
 from workers.spec import JobSpec
 from workers.sweep_spec import SweepSpec, TrialStatus
 
@@ -41,6 +42,26 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _RunPublic(_Out):
+    """What jobs and sweeps show alike: their run state (``service.db.RunState``)."""
+
+    id: str
+    name: str
+    tenant: str
+    status: JobStatus
+    error: str | None = Field(None, description="the cause, when failed")
+    model_id: str | None = Field(None, description="the registered model, when succeeded")
+    attempts: int = Field(description="times it was started (a restart resumes it)")
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @staticmethod
+    def run_state(row: RunState) -> dict[str, Any]:
+        return {name: getattr(row, name) for name in _RunPublic.model_fields}
+
+
 # --------------------------------------------------------------------------------------------- jobs
 
 
@@ -50,33 +71,17 @@ class Progress(_Out):
     eta_s: float | None = Field(None, description="estimated seconds to the end, while running")
 
 
-class JobPublic(_Out):
-    id: str
-    name: str
-    tenant: str
-    status: JobStatus
+class JobPublic(_RunPublic):
     spec: JobSpec
     progress: Progress
     metrics: dict[str, MetricValue] = Field(description="the latest reported metrics")
-    error: str | None = Field(None, description="the cause, when failed")
-    model_id: str | None = Field(None, description="the registered model, when succeeded")
-    attempts: int = Field(description="times the job was started (a restart resumes it)")
-    cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
-        return cls(
-            id=job.id, name=job.name, tenant=job.tenant, status=job.status,  # type: ignore[arg-type]
-            spec=JobSpec.model_validate(job.spec),
-            progress=Progress(iteration=job.iteration, total=job.total,
-                              eta_s=job.eta_s if job.status == "running" else None),
-            metrics=job.metrics or {}, error=job.error, model_id=job.model_id, attempts=job.attempts,
-            cancel_requested=job.cancel_requested, created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
+        progress = Progress(iteration=job.iteration, total=job.total,
+                            eta_s=job.eta_s if job.status == "running" else None)
+        return cls(**cls.run_state(job), spec=JobSpec.model_validate(job.spec), progress=progress,
+                   metrics=job.metrics or {})
 
 
 class JobsPublic(BaseModel):
@@ -112,37 +117,20 @@ class TrialPublic(BaseModel):
     error: str | None = Field(None, description="why a failed trial failed")
 
 
-class SweepPublic(_Out):
-    id: str
-    name: str
-    tenant: str
+class SweepPublic(_RunPublic):
     status: SweepStatus = Field(description="succeeded: ended with a best trial, whose model is registered")
+    model_id: str | None = Field(None, description="the best trial's registered model, when succeeded")
     spec: SweepSpec
     trials: list[TrialPublic] = Field(description="every trial so far, in creation order")
     counts: dict[str, int] = Field(description="trials by status")
     best: TrialPublic | None = Field(None, description="the completed trial with the best last metric")
-    model_id: str | None = Field(None, description="the best trial's registered model, when succeeded")
-    error: str | None = Field(None, description="the cause, when failed")
-    attempts: int = Field(description="times the sweep was started (a restart resumes it)")
-    cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
 
     @classmethod
     def from_row(cls, sweep: Sweep) -> SweepPublic:
         trials = [TrialPublic.model_validate(t) for t in sweep.trials or []]
-        counts: dict[str, int] = {}
-        for trial in trials:
-            counts[trial.status] = counts.get(trial.status, 0) + 1
         best = next((t for t in trials if t.trial_id == sweep.best_trial_id), None)
-        return cls(
-            id=sweep.id, name=sweep.name, tenant=sweep.tenant, status=sweep.status,  # type: ignore[arg-type]
-            spec=SweepSpec.model_validate(sweep.spec), trials=trials, counts=counts, best=best,
-            model_id=sweep.model_id, error=sweep.error, attempts=sweep.attempts,
-            cancel_requested=sweep.cancel_requested, created_at=sweep.created_at, started_at=sweep.started_at,
-            finished_at=sweep.finished_at,
-        )
+        return cls(**cls.run_state(sweep), spec=SweepSpec.model_validate(sweep.spec), trials=trials,
+                   counts=Counter(t.status for t in trials), best=best)
 
 
 class SweepsPublic(BaseModel):

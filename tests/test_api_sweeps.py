@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, event, inspect
 
 from api.main import create_app
-from service import sweeps
+from service import runs, sweeps
 from service.config import Settings
 from service.db import Sweep, _sqlite_pragmas, init_db, make_engine, make_session_factory
 from service.schemas import SweepPublic
@@ -334,7 +334,7 @@ def test_a_sweep_interrupted_by_a_service_stop_is_resumed_by_the_next_start(ray_
     # The stop interrupted it resumably: queued, not failed, its trials as they were.
     engine = make_engine(settings)
     with make_session_factory(engine)() as session:
-        stopped = SweepPublic.from_row(sweeps.get_sweep(session=session, sweep_id=sweep_id, scope=None))
+        stopped = SweepPublic.from_row(runs.get_run(session=session, table=Sweep, run_id=sweep_id, scope=None))
     engine.dispose()
     assert stopped.status == "queued" and stopped.attempts == 1 and stopped.error is None, stopped
     cut = [t for t in stopped.trials if t.status == "running" and 20 <= t.iteration < t.total_iterations]

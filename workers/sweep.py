@@ -69,10 +69,10 @@ class SweepResult(BaseModel):
     wall_s: float = Field(description="seconds run_sweep took")
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.trials:
-            out[t.status] = out.get(t.status, 0) + 1
-        return out
+        """Trials by status, in the order the statuses first appear."""
+        from collections import Counter  # local: this method is all of it that uses Counter
+
+        return dict(Counter(t.status for t in self.trials))
 
 
 

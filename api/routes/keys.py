@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Response
 
-from fastapi import APIRouter, Query, Response
-
-from api.deps import AdminKey, ServicesDep, SessionDep
+from api.deps import AdminKey, PageLimit, PageOffset, ServicesDep, SessionDep
 from service import keys
 from service.schemas import KeyCreate, KeyCreated, KeyPublic, KeysPublic
 
@@ -20,8 +18,8 @@ def create_key(body: KeyCreate, session: SessionDep, _admin: AdminKey) -> KeyCre
 
 
 @router.get("", response_model=KeysPublic)
-def list_keys(session: SessionDep, _admin: AdminKey, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-              offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> KeysPublic:
+def list_keys(session: SessionDep, _admin: AdminKey, limit: PageLimit = 100,
+              offset: PageOffset = 0) -> KeysPublic:
     rows, count = keys.list_keys(session=session, limit=limit, offset=offset)
     return KeysPublic(data=[KeyPublic.from_row(k) for k in rows], count=count)
 

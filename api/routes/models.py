@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import AdapterDep, CurrentKey, SessionDep
+from api.deps import AdapterDep, CurrentKey, PageLimit, PageOffset, SessionDep
 from service import registry
 from service.schemas import AdaptRequest, AdaptResponse, ModelPublic, ModelsPublic
 
@@ -15,8 +13,8 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(session: SessionDep, key: CurrentKey, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> ModelsPublic:
+def list_models(session: SessionDep, key: CurrentKey, limit: PageLimit = 100,
+                offset: PageOffset = 0) -> ModelsPublic:
     rows, count = registry.list_models(session=session, scope=key.scope, limit=limit, offset=offset)
     return ModelsPublic(data=[ModelPublic.from_row(m) for m in rows], count=count)
 

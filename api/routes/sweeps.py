@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
-from api.deps import CurrentKey, ServicesDep, SessionDep, SettingsDep, SweepManagerDep
-from service import sweeps
+from api.deps import CurrentKey, PageLimit, PageOffset, ServicesDep, SessionDep, SettingsDep, SweepManagerDep, check_run
+from service import runs, sweeps
+from service.db import Sweep
 from service.events import sweep_events
 from service.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepStatus
 
@@ -22,25 +20,24 @@ def create_sweep(body: SweepCreate, session: SessionDep, key: CurrentKey, settin
     """Submit a sweep: 201 with the sweep, queued. A bad search space (empty, an unknown field path,
     low above high, a value the job spec refuses) or a base the server's policy refuses answers 422
     naming the field."""
-    spec = sweeps.check_sweep(body, settings)
-    sweep = sweeps.create_sweep(session=session, tenant=key.tenant, spec=spec)
+    sweep = sweeps.create_sweep(session=session, tenant=key.tenant, spec=sweeps.check_sweep(body, settings))
     manager.submit(sweep.id)
     return SweepPublic.from_row(sweep)
 
 
 @router.get("", response_model=SweepsPublic)
-def list_sweeps(session: SessionDep, key: CurrentKey, status: SweepStatus | None = None,
-                limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> SweepsPublic:
+def list_sweeps(session: SessionDep, key: CurrentKey, status: SweepStatus | None = None, limit: PageLimit = 100,
+                offset: PageOffset = 0) -> SweepsPublic:
     """The caller's sweeps, newest first: ``{"data": [...], "count": N}`` (count over all pages)."""
-    rows, count = sweeps.list_sweeps(session=session, scope=key.scope, status=status, limit=limit, offset=offset)
+    rows, count = runs.list_runs(session=session, table=Sweep, scope=key.scope, status=status, limit=limit,
+                                 offset=offset)
     return SweepsPublic(data=[SweepPublic.from_row(s) for s in rows], count=count)
 
 
 @router.get("/{sweep_id}", response_model=SweepPublic)
 def get_sweep(sweep_id: str, session: SessionDep, key: CurrentKey) -> SweepPublic:
     """The sweep: its trials (config, status, iterations, metrics, error), the best trial and its model."""
-    return SweepPublic.from_row(sweeps.get_sweep(session=session, sweep_id=sweep_id, scope=key.scope))
+    return SweepPublic.from_row(runs.get_run(session=session, table=Sweep, run_id=sweep_id, scope=key.scope))
 
 
 @router.get("/{sweep_id}/events", response_class=EventSourceResponse,
@@ -49,12 +46,7 @@ def get_sweep(sweep_id: str, session: SessionDep, key: CurrentKey) -> SweepPubli
 async def get_sweep_events(sweep_id: str, key: CurrentKey, services: ServicesDep,
                            settings: SettingsDep) -> EventSourceResponse:
     """Server-Sent Events of the sweep's trials until it ends (see ``service.events``)."""
-
-    def check() -> None:
-        with services.session_factory() as session:
-            sweeps.get_sweep(session=session, sweep_id=sweep_id, scope=key.scope)
-
-    await run_in_threadpool(check)
+    await check_run(services, Sweep, sweep_id, key)
     return EventSourceResponse(sweep_events(services.session_factory, sweep_id, poll_s=settings.events_poll_s),
                                ping=15)
 
@@ -63,6 +55,6 @@ async def get_sweep_events(sweep_id: str, key: CurrentKey, services: ServicesDep
 def cancel_sweep(sweep_id: str, session: SessionDep, key: CurrentKey, manager: SweepManagerDep) -> SweepPublic:
     """Cancel: a queued sweep at once, a running one within a second or so (its running and pending
     trials end as cancelled; status stays running until then). A sweep that already ended answers 409."""
-    sweep = sweeps.request_cancel(session=session, sweep_id=sweep_id, scope=key.scope)
+    sweep = runs.request_cancel(session=session, table=Sweep, run_id=sweep_id, scope=key.scope)
     manager.cancel(sweep_id)
     return SweepPublic.from_row(sweep)

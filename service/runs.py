@@ -1,0 +1,318 @@
+"""Runs, what jobs and sweeps share: the data access of their run state, and the queue that runs them.
+
+A run is a row with the :class:`service.db.RunState` columns (a ``Job`` or a ``Sweep``). Its life:
+``queued -> running -> succeeded | failed | cancelled``, or back to ``queued`` when the service stops
+under it. :class:`RunQueue` drives runs on a bounded pool of threads and turns their outcome into
+that state:
+
+* a success registers the exported model and sets ``model_id``; an exception marks the run
+  ``failed`` with its type and message; a cancel (here, or through another process by the
+  database flag) stops it and marks it ``cancelled``;
+* a shutdown stops running runs resumably and leaves them ``queued``; on the next start,
+  :func:`recover_runs` settles what a crash left ``running`` and the rest resumes. No run is lost
+  or left running.
+
+One queue per table and database: two processes sharing a database would recover each other's runs.
+Data access functions are keyword-only and take the session and the table; a ``scope`` of None is
+the admin (every tenant), otherwise the caller's tenant: another tenant's run is simply not found.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db import TERMINAL_STATUSES, Model, RunState, utcnow
+from service.errors import Conflict, NotFound
+from workers.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+MAX_ERROR_CHARS = 4000
+R = TypeVar("R", bound=RunState)
+Outcome = tuple[str, dict[str, Any]]  # a status, and the fields to store with it
+
+
+def describe_error(exc: BaseException) -> str:
+    """The cause of a failure as one line: type, message, iteration, and the underlying cause."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TrainingError) and f"iteration {exc.iteration}" not in text:
+        text += f" (at iteration {exc.iteration})"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f"; caused by {type(cause).__name__}: {cause}"
+    return text[:MAX_ERROR_CHARS]
+
+
+# ------------------------------------------------------------------------------------- data access
+
+
+def get_run(*, session: Session, table: type[R], run_id: str, scope: str | None) -> R:
+    row = session.get(table, run_id)
+    if row is None or (scope is not None and row.tenant != scope):
+        raise NotFound(table.kind, run_id)
+    return row
+
+
+def list_runs(*, session: Session, table: type[R], scope: str | None, status: str | None = None,
+              limit: int = 100, offset: int = 0) -> tuple[list[R], int]:
+    """A page of runs, newest first, and how many match in all."""
+    where = [] if scope is None else [table.tenant == scope]
+    if status is not None:
+        where.append(table.status == status)
+    count = session.scalar(select(func.count()).select_from(table).where(*where)) or 0
+    rows = session.scalars(select(table).where(*where).order_by(table.created_at.desc(), table.id.desc())
+                           .limit(limit).offset(offset))
+    return list(rows.all()), count
+
+
+def request_cancel(*, session: Session, table: type[R], run_id: str, scope: str | None) -> R:
+    """Cancel a queued run at once; flag a running one (its queue stops it). Finished: Conflict."""
+    row = get_run(session=session, table=table, run_id=run_id, scope=scope)
+    if row.status in TERMINAL_STATUSES:
+        raise Conflict(f"{table.kind} '{run_id}' is already {row.status}")
+    changed = session.execute(update(table).where(table.id == run_id, table.status == "queued")
+                              .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
+    if changed.rowcount == 0:  # type: ignore[attr-defined]  # running (or claimed meanwhile)
+        session.execute(update(table).where(table.id == run_id).values(cancel_requested=True))
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def is_cancel_requested(*, session: Session, table: type[RunState], run_id: str) -> bool:
+    return bool(session.scalar(select(table.cancel_requested).where(table.id == run_id)))
+
+
+def claim_run(*, session: Session, table: type[R], run_id: str) -> R | None:
+    """queued -> running, atomically; None if the run is no longer queued (cancelled meanwhile)."""
+    changed = session.execute(
+        update(table).where(table.id == run_id, table.status == "queued")
+        .values(status="running", attempts=table.attempts + 1, started_at=utcnow(), error=None,
+                **dict.fromkeys(table.run_only)))
+    session.commit()
+    if changed.rowcount == 0:  # type: ignore[attr-defined]
+        return None
+    return session.get(table, run_id, populate_existing=True)
+
+
+def finish_run(*, session: Session, table: type[RunState], run_id: str, status: str, error: str | None = None,
+               **fields: Any) -> None:
+    """A run ended: a terminal status, or back to queued (a shutdown, to resume on the next start).
+    ``fields`` (e.g. ``model_id``) are stored unless None."""
+    values: dict[str, Any] = {"status": status, "error": error, **dict.fromkeys(table.run_only)}
+    if status in TERMINAL_STATUSES:
+        values["finished_at"] = utcnow()
+    values.update((name, value) for name, value in fields.items() if value is not None)
+    session.execute(update(table).where(table.id == run_id).values(**values))
+    session.commit()
+
+
+def recover_runs(*, session: Session, table: type[R], max_attempts: int,
+                 detail: Callable[[R], str] = lambda row: "") -> list[str]:
+    """After a restart: settle runs a previous process left running; return the queue, oldest first.
+
+    A running run whose cancel was requested is cancelled; one started ``max_attempts`` times
+    already is failed with the reason (it keeps taking the service down, or keeps being killed),
+    plus ``detail(row)``; the rest are requeued, and resume (from a checkpoint, from Tune's state).
+    """
+    kind = table.kind
+    for row in session.scalars(select(table).where(table.status == "running")).all():
+        if row.cancel_requested:
+            row.status, row.finished_at = "cancelled", utcnow()
+            logger.info("%s %s: cancelled (cancel requested before the restart)", kind, row.id)
+        elif row.attempts >= max_attempts:
+            row.status, row.finished_at = "failed", utcnow()
+            row.error = (f"Interrupted: the service stopped while the {kind} was running, {row.attempts} times "
+                         f"(limit MAML_MAX_{kind.upper()}_ATTEMPTS={max_attempts}){detail(row)}")
+            logger.warning("%s %s: failed after %d interrupted attempts", kind, row.id, row.attempts)
+        else:
+            row.status = "queued"
+            for column in table.run_only:
+                setattr(row, column, None)
+            logger.info("%s %s: interrupted, requeued to resume", kind, row.id)
+    session.commit()
+    queued = select(table.id).where(table.status == "queued").order_by(table.created_at)
+    return list(session.scalars(queued).all())
+
+
+# ------------------------------------------------------------------------------------------- queue
+
+
+class RunQueue(Generic[R]):
+    """Runs the queued rows of ``table`` on ``slots`` threads, each driving one run to its end.
+
+    A subclass says how to run one (:meth:`execute`) and how to register the model of a success
+    (:meth:`register`):
+
+    >>> manager.start()            # recovers interrupted runs, starts the threads
+    >>> manager.submit(run_id)     # after the row is committed as queued
+    >>> manager.cancel(run_id)     # after runs.request_cancel
+    >>> manager.stop()             # running runs stop resumably and stay queued for the next start
+    """
+
+    table: type[R]
+    model_label = "the model"  # what a failed registration names
+
+    def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session], slots: int,
+                 max_attempts: int) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.slots, self.max_attempts = slots, max_attempts
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._running: dict[str, threading.Event] = {}  # run id -> its cancel flag
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    def execute(self, row: R, cancel: threading.Event) -> Outcome:
+        """Run ``row`` until it ends, ``cancel`` is set or the queue is :attr:`stopping`; a success
+        gives ``export_dir``, the model to register."""
+        raise NotImplementedError
+
+    def register(self, session: Session, row: R, export_dir: Path) -> Model:
+        """Add the exported model to the registry (the caller commits)."""
+        raise NotImplementedError
+
+    def interrupted_detail(self, row: R) -> str:
+        """Said after the reason of a run failed for too many interrupted attempts."""
+        return ""
+
+    def ended(self, outcome: str) -> None:
+        """Called after each run's outcome is stored."""
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._threads) and not self.stopping
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def start(self) -> None:
+        kind = self.table.kind
+        if self._threads:
+            raise RuntimeError(f"the {kind} manager is already started")
+        with self.session_factory() as session:
+            queued = recover_runs(session=session, table=self.table, max_attempts=self.max_attempts,
+                                  detail=self.interrupted_detail)
+        for run_id in queued:
+            self.submit(run_id)
+        for n in range(self.slots):
+            thread = threading.Thread(target=self._work, name=f"maml-{kind}s-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info("%s manager started: %d slot(s), %d %s(s) queued", kind, len(self._threads), len(queued), kind)
+
+    def submit(self, run_id: str) -> None:
+        with self._lock:
+            if run_id in self._pending or run_id in self._running:
+                return
+            self._pending.add(run_id)
+        self._queue.put(run_id)
+
+    def cancel(self, run_id: str) -> None:
+        """Stop a running run (soon: within an iteration, a second or so); drop a queued one."""
+        with self._lock:
+            self._pending.discard(run_id)
+            cancel = self._running.get(run_id)
+        if cancel is not None:
+            cancel.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking runs, ask running ones to stop (resumably), wait for them up to ``timeout`` seconds."""
+        if not self._threads:
+            return
+        self._stopping.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + (self.settings.stop_timeout_s if timeout is None else timeout)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                # Its run stays "running" in the database; the next start requeues it.
+                logger.warning("thread %s did not stop in time; its %s resumes on the next start", thread.name,
+                               self.table.kind)
+        self._threads = []
+        logger.info("%s manager stopped", self.table.kind)
+
+    def failed(self, row: R, exc: Exception, cancel: threading.Event, *, prefix: str = "") -> Outcome:
+        """The outcome of a run that raised: failed with the cause, or requeued if the shutdown broke it."""
+        if self.stopping and not cancel.is_set():
+            # Most likely the shutdown itself broke the run: resume it on the next start (bounded by
+            # max_attempts, so a genuine error still ends as failed).
+            logger.warning("%s %s: %s during shutdown; requeued", self.table.kind, row.id, describe_error(exc))
+            return "queued", {}
+        error = (prefix + describe_error(exc))[:MAX_ERROR_CHARS]
+        logger.warning("%s %s failed: %s", self.table.kind, row.id, error, exc_info=exc)
+        return "failed", {"error": error}
+
+    # -- the worker threads ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            run_id = self._queue.get()
+            if run_id is None or self.stopping:
+                return
+            with self._lock:
+                if run_id not in self._pending:  # cancelled while queued
+                    continue
+                self._pending.discard(run_id)
+            try:
+                self._run(run_id)
+            except Exception:  # bookkeeping failed (database down?): the run is recovered on restart
+                logger.exception("%s %s: the manager failed to record its run", self.table.kind, run_id)
+
+    def _run(self, run_id: str) -> None:
+        kind = self.table.kind
+        with self.session_factory() as session:
+            row = claim_run(session=session, table=self.table, run_id=run_id)
+        if row is None:
+            return
+        cancel = threading.Event()
+        if row.cancel_requested:
+            cancel.set()
+        with self._lock:
+            self._running[run_id] = cancel
+        logger.info("%s %s (%s): started, attempt %d", kind, run_id, row.name, row.attempts)
+        try:
+            outcome, fields = self.execute(row, cancel)
+        finally:
+            with self._lock:
+                self._running.pop(run_id, None)
+        with self.session_factory() as session:
+            export_dir = fields.pop("export_dir", None)
+            if outcome == "succeeded":
+                try:
+                    fields["model_id"] = self.register(session, row, export_dir).id
+                except Exception as exc:
+                    session.rollback()
+                    logger.exception("%s %s: registering %s failed", kind, run_id, self.model_label)
+                    outcome = "failed"
+                    fields["error"] = f"registering {self.model_label} failed: {describe_error(exc)}"
+            finish_run(session=session, table=self.table, run_id=run_id, status=outcome, **fields)
+        self.ended(outcome)
+        logger.info("%s %s: %s%s", kind, run_id, outcome, f" ({fields['error']})" if fields.get("error") else "")
