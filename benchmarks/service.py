@@ -23,8 +23,9 @@ Each series runs ``--repeats`` times; the tables give the median over repeats of
 and the server's CPU time per request (from /proc), which the load of a shared machine does not move.
 Latencies are client-side (request sent to body read), so they include HTTP and JSON on both ends.
 
-Something on the shared development machine kills Ray clusters it did not start; the server's Ray
-driver then ends the API process 60 s later. The benchmark watches the server's GCS, drops a run
+The server's embedded Ray cluster can be killed from outside (on a shared machine, by another
+user's Ray clean-up); the server's Ray driver then ends the API process once it gives up
+reconnecting. The benchmark watches the server's GCS, drops a run
 during which it vanished and restarts the server; after ``--ray-restarts`` restarts, once the
 models are trained, it serves ``--fallback-app`` (the same app without a training backend) instead.
 The report says which app served each series.
@@ -73,35 +74,8 @@ ADMIN_TOKEN = "bench-admin-token-4e8b1f0c7a29d6e3"
 SEED_TENANTS = ("bench-a", "bench-b")
 TARGETS = {"sinusoid_p50_ms": 10.0, "omniglot_p50_ms": 60.0, "jobs_page_p50_ms": 50.0}
 
-# Findings of profiling runs (py-spy, torch.profiler, CPU time in /proc) on this machine, 2026-11-25; not
-# re-measured by this script, kept next to its numbers.
-ANALYSIS = [
-    "Omniglot latency is model compute, not the service. py-spy on the server (200 Hz, 100 queries, "
-    "samples in the adaptation thread): 5 query PNGs: 82% the 10 SGD steps (forward and backward of Conv4 "
-    "on the 5 support images), 9% the support loss before and after (2 forwards; the one before repeats the "
-    "first step's forward, in workers/evaluation.adapt), 4% the query forward, 4% base64 + PNG decode + "
-    "resize; 75 query PNGs: 42% SGD steps, 39% query forward, 13% decode + resize (LANCZOS 105->28, the "
-    "training preprocessing). torch.profiler of the 10 steps: max_pool2d_with_indices 25%, convolution "
-    "backward 20%, convolution 15%, batch norm forward + backward 18%, ReLU backward 6%: about 70-80 ms of "
-    "single-thread CPU on this core, so the 60 ms target cannot be met here with one thread per query. "
-    "HTTP, auth and JSON cost about 1-2 ms (the sinusoid query answers in 4-5 ms). Channels-last tensors "
-    "and oneDNN off were tried: no gain.",
-    "Two intra-op threads per query (torch's default here) bring the compute of one query on an otherwise "
-    "idle 2-core machine to about 55 ms, at 1.5-2.6x the CPU; with 4 queries at once (the default "
-    "MAML_ADAPT_MAX_CONCURRENCY) that is 8 threads on 2 cores. service/adaptation.py now gives each pool "
-    "thread cores // MAML_ADAPT_MAX_CONCURRENCY threads (1 here). A/B over HTTP, 2 quick runs each, "
-    "server CPU per request: Omniglot 5 queries 1 client 96/94 -> 72/71 ms, 75 queries 162/156 -> 123/126 "
-    "ms; 16 clients 138/155 -> 102/132 ms and 264/302 -> 207/184 ms; sinusoid unchanged (4 ms). The "
-    "wall-clock latency under this shared machine's load (load average 6-11) did not change measurably.",
-    "Something else on this shared machine kills Ray clusters that are not its own: the GCS and raylet of "
-    "the server's embedded cluster vanished without a log line, from 20 s to a few minutes after start (a "
-    "bare ray.init() cluster on a quiet moment survived 4 minutes). The Ray driver inside the API process "
-    "then retries for 60 s and ends the whole process, adaptation queries included; during the retries "
-    "every request costs more CPU (killing the server's own GCS on purpose: sinusoid 1 client p50 4.5 -> "
-    "16 ms, server CPU 4.0 -> 16 ms per request). The benchmark watches the GCS pid, drops a run during "
-    "which it vanished, and restarts the server on the same data dir. A service that must outlive its Ray "
-    "cluster needs the driver out of the API process, or MAML_RAY_ADDRESS pointing at a managed cluster.",
-]
+# Profiling findings of earlier runs, in RESULTS beside the report, which points to them (not re-measured).
+PROFILING = "service-profiling.md"
 
 SINE_JOB: dict[str, Any] = {
     "name": "bench-sine", "task": {"family": "sinusoid", "shots": 10, "queries": 10},
@@ -212,8 +186,8 @@ class ServerDied(RuntimeError):
 class Server:
     """uvicorn with the app factory, in its own session so that its Ray processes die with it.
 
-    The machine is shared: another process's Ray clean-up can kill this server's embedded cluster,
-    and the Ray driver then ends the server process. ``restart`` brings it back on the same data
+    Another process's Ray clean-up can kill this server's embedded cluster, and the Ray driver then
+    ends the server process. ``restart`` brings it back on the same data
     dir (jobs, keys and models persist); the benchmark repeats the series that was cut short.
     """
 
@@ -269,8 +243,8 @@ class Server:
 
     def healthy(self) -> bool:
         """Alive, and so is its Ray GCS. Without its GCS the Ray driver in the server retries (and
-        burns CPU: sinusoid queries took 4x their CPU time) for 60 s and then ends the process, so
-        a run in that window does not count, and the server is restarted at once."""
+        burns CPU, which slows every request) until Ray's GCS reconnect timeout and then ends the
+        process, so a run in that window does not count, and the server is restarted at once."""
         if not self.alive():
             return False
         if self.gcs_pid is None:
@@ -555,10 +529,11 @@ def write_report(result: dict[str, Any], stem: str) -> None:
                   "- Omniglot: Conv4 (64 filters), 5-way 1-shot, 10 SGD steps; support = 5 base64 PNGs (105x105 "
                   "drawings of 5 characters of the evaluation alphabets, decoded and resized to 28x28 by the server "
                   "as in training); query = 5 (one per class) or 75 (15 per class, the paper's query set) PNGs.",
-                  "- With 16 clients on 2 cores the latency is mostly queueing (16 requests share 2 cores): "
+                  f"- With 16 clients on {m['cores']} cores the latency is mostly queueing (16 requests share "
+                  f"{m['cores']} cores): "
                   "throughput is the number that matters there; the target is zero errors.",
                   "- Server CPU ms/req: CPU time of the server process (all threads, /proc) over the run divided "
-                  "by the requests. On this shared machine the wall-clock numbers depend on what else runs; the "
+                  "by the requests. On a shared machine the wall-clock numbers depend on what else runs; the "
                   "CPU cost does not, and bounds the latency on an idle core from below.", ""]
     sat = result.get("saturation")
     if sat:
@@ -578,7 +553,8 @@ def write_report(result: dict[str, Any], stem: str) -> None:
             lines.append(f"| {r['caller']} | {r['filter'] or '-'} | {r['offset']} | {r['count']} | "
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} | "
                          f"{r['server_cpu_ms_per_request']:.1f} | {r['errors']} |")
-    notes = [*result.get("notes", []), *ANALYSIS]
+    notes = [*result.get("notes", []),
+             f"Where the time goes (profiles of earlier runs, not re-measured here): [{PROFILING}]({PROFILING})."]
     lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

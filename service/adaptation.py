@@ -262,15 +262,14 @@ class Adapter:
         self.session_factory = session_factory
         self.metrics = metrics or ServiceMetrics()
         # Size torch's thread team so that the pool's queries together use the cores once. By default
-        # every calling thread gets a team of one thread per core: with 4 queries on 2 cores that is
-        # 8 threads, which spin at each barrier while another team holds the core (measured by
-        # benchmarks/service.py: Omniglot 5-way 1-shot, 10 steps, 25% more server CPU per query).
+        # every calling thread gets a team of one thread per core, so concurrent queries run more
+        # threads than there are cores, and those spin at each barrier while another team holds the
+        # core: more server CPU per query for no lower latency (benchmarks/service.py measures it).
         # The count is process-wide in torch; the service process computes nothing else with torch
         # (training runs in Ray workers, which set their own). Not more threads for a query that runs
-        # alone: a 2-thread team on a pool thread took 99 ms instead of 46 ms with one thread once
-        # another thread of the process had run a 2-thread team (the job thread's evaluations do),
-        # and 111 ms when consecutive queries landed on different pool threads (measured with
-        # Omniglot 5-way 1-shot, 10 steps, on this 2-core machine): libgomp's idle teams compete.
+        # alone either: once another thread of the process has run a multi-thread team (the job
+        # thread's evaluations do), or when consecutive queries land on different pool threads,
+        # libgomp's idle teams compete and a multi-thread query is slower than a one-thread one.
         threads = intra_op_threads(settings.adapt_max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
                                         initializer=torch.set_num_threads, initargs=(threads,))
