@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     def _lists(cls, value: object) -> object:
         return _split_list(value)
 
+    @field_validator("data_root", "cache_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Handed to Ray workers, whose working directory is not this process's.
+        return value.expanduser().absolute() if value is not None else None
+
     @model_validator(mode="after")
     def _secure(self) -> Settings:
         token = self.admin_token.get_secret_value() if self.admin_token is not None else None
