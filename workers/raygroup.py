@@ -39,8 +39,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
 
     if ray.is_initialized():
         return
-    # Workers import this package: in a local cluster they run from our source tree.
-    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+    # Workers import this package: they run from our source tree, ahead of the PYTHONPATH they
+    # inherit (Ray expands ${PYTHONPATH} on the node).
+    root = Path(__file__).resolve().parents[1]
+    runtime_env = {"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}${{PYTHONPATH}}"}}
     if address:
         logger.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
