@@ -37,22 +37,29 @@ import numpy as np
 import ray
 import torch
 
-from workers.distributed import ensure_ray
-from workers.rl.config import RLConfig
-from workers.rl.trainer import (
-    LocalSampler,
-    RaySampler,
-    RLTrainer,
-    build_family,
-    build_policy,
-    sample_tasks_rollouts,
-)
+from workers.raygroup import LocalGroup, WorkerGroup, ensure_ray
+from workers.rl.program import RolloutWorker, build_family, build_policy, sample_tasks_rollouts
+from workers.run import Trainer
+from workers.spec import JobSpec
 
 RESULTS = Path(__file__).parent / "results"
 ALPHAS = (0.05, 0.1, 0.2, 0.5)
 
 
-def train(cfg: RLConfig, run_dir: Path) -> tuple[RLTrainer, list[dict], float]:
+def rl_spec(name: str = "maml", *, family: str = "nav2d", rollouts: int = 20, iterations: int = 1,
+            meta_batch_size: int | None = None, eval_tasks: int = 40, inner_steps: int = 1) -> JobSpec:
+    """A meta-RL job with the paper's defaults. ``inner_steps=0`` is the 'pretrained' baseline
+    (joint training without adaptation): the job API refuses 0 steps, so it is set past validation."""
+    spec = JobSpec.model_validate({
+        "name": name, "task": {"family": family, "rollouts": rollouts},
+        "outer": {"iterations": iterations, **({"meta_batch_size": meta_batch_size} if meta_batch_size else {})},
+        "eval": {"every": 10**6, "tasks": eval_tasks, "steps": 3}, "checkpoint": {"every": 10**6}})
+    if inner_steps != spec.inner.steps:
+        spec = spec.model_copy(update={"inner": spec.inner.model_copy(update={"steps": inner_steps})})
+    return spec
+
+
+def train(cfg: JobSpec, run_dir: Path) -> tuple[Trainer, list[dict], float]:
     curve: list[dict] = []
 
     def report(it: int, m: dict[str, float]) -> None:
@@ -62,46 +69,45 @@ def train(cfg: RLConfig, run_dir: Path) -> tuple[RLTrainer, list[dict], float]:
             print(f"{cfg.name} {it}: before {m['rl/return_before']:.2f} after {m['rl/return_after']:.2f} "
                   f"({m['perf/iteration_s']:.1f} s/it)", flush=True)
 
-    trainer = RLTrainer(cfg, run_dir=run_dir, reporter=report)
+    trainer = Trainer(cfg, run_dir=run_dir, reporter=report)
     start = time.perf_counter()
     trainer.run()
     return trainer, curve, time.perf_counter() - start
 
 
-def evaluate(cfg: RLConfig, trainer_or_none: RLTrainer | None, alphas: tuple[float, ...], steps: int,
+def evaluate(cfg: JobSpec, trainer_or_none: Trainer | None, alphas: tuple[float, ...], steps: int,
              tasks: int) -> dict[str, np.ndarray]:
     """{alpha: per-goal average returns (goals, steps + 1)} on the held-out goals (test split)."""
     family = build_family(cfg)
-    policy = build_policy(cfg, family) if trainer_or_none is None else trainer_or_none.policy
+    policy = build_policy(cfg, family) if trainer_or_none is None else trainer_or_none.model
     params = {n: p.detach() for n, p in policy.named_parameters()}
     out = {}
     for alpha in alphas:
-        eval_cfg = cfg.model_copy(update={"inner_lr": alpha})
-        rollouts = sample_tasks_rollouts(eval_cfg, family, policy, params, 0, range(tasks), split="test", steps=steps)
+        rollouts = sample_tasks_rollouts(cfg, family, policy, params, 0, range(tasks), split="test", steps=steps,
+                                         lr=alpha)
         out[str(alpha)] = np.array([r.returns for r in rollouts])
     return out
 
 
-def throughput(cfg: RLConfig, rounds: int) -> dict[str, float]:
+def throughput(cfg: JobSpec, rounds: int) -> dict[str, float]:
     """Environment steps per second sampling one meta-batch: in process, Ray 1 and 2 workers."""
-    family = build_family(cfg)
-    policy = build_policy(cfg, family)
-    params = {n: p.detach() for n, p in policy.named_parameters()}
+    params = {n: p.detach() for n, p in build_policy(cfg, build_family(cfg)).named_parameters()}
     result = {}
-    samplers = [("local", lambda: LocalSampler(cfg, family, policy))]
-    samplers += [(f"ray{w}", lambda w=w: RaySampler(cfg.model_copy(update={"workers": w}))) for w in (1, 2)]
-    for name, make in samplers:
-        sampler = make()
+    groups = [("local", lambda: LocalGroup(RolloutWorker(cfg, 0, 1)))]
+    groups += [(f"ray{w}", lambda w=w: WorkerGroup(RolloutWorker, cfg, world=w, cpus=1, gpus=0, threads=1))
+               for w in (1, 2)]
+    for name, make in groups:
+        group = make()
         try:
-            sampler.sample(params, 0)  # warm-up
+            group.call("sample", group.share(params), 0)  # warm-up
             rates = []
             for r in range(rounds):
                 start = time.perf_counter()
-                rollouts = sampler.sample(params, r + 1)
-                rates.append(sum(x.env_steps for x in rollouts) / (time.perf_counter() - start))
+                shards = group.call("sample", group.share(params), r + 1)
+                rates.append(sum(x.env_steps for shard in shards for x in shard) / (time.perf_counter() - start))
             result[name] = statistics.median(rates)
         finally:
-            sampler.close()
+            group.close()
     return result
 
 
@@ -112,12 +118,12 @@ def cheetah(quick: bool) -> dict:
     except ImportError as exc:
         return {"status": f"not run: {exc}"}
     out: dict = {"gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__}
-    cfg = RLConfig(family="halfcheetah_vel", meta_batch_size=4, iterations=1)
+    cfg = rl_spec(family="halfcheetah_vel", meta_batch_size=4)
     out["throughput_meta_batch_4"] = throughput(cfg, 1 if quick else 2)
     if not quick:
-        full = RLConfig(family="halfcheetah_vel", iterations=1, eval_every=1000, checkpoint_every=1000)
+        full = rl_spec(family="halfcheetah_vel")
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = RLTrainer(full, run_dir=Path(tmp))
+            trainer = Trainer(full, run_dir=Path(tmp))
             m = trainer.step()
         out["full_iteration"] = {k: round(v, 3) for k, v in m.items() if k.startswith(("perf/", "rl/return"))}
     return out
@@ -133,14 +139,13 @@ def main() -> None:
     eval_tasks = 5 if args.quick else 40
     iterations = 2 if args.quick else args.iterations
     started = time.perf_counter()
-    base = dict(iterations=iterations, eval_every=10**6, checkpoint_every=10**6, eval_tasks=eval_tasks, eval_steps=3)
-    maml_cfg = RLConfig(name="maml", **base)
-    pre_cfg = RLConfig(name="pretrained", inner_steps=0, rollouts=40, **base)
+    maml_cfg = rl_spec("maml", iterations=iterations, eval_tasks=eval_tasks)
+    pre_cfg = rl_spec("pretrained", inner_steps=0, rollouts=40, iterations=iterations, eval_tasks=eval_tasks)
     with tempfile.TemporaryDirectory() as tmp:
         maml, maml_curve, maml_s = train(maml_cfg, Path(tmp) / "maml")
         pre, pre_curve, pre_s = train(pre_cfg, Path(tmp) / "pre")
         evals = {
-            "maml": evaluate(maml_cfg, maml, (maml_cfg.inner_lr,), 3, eval_tasks),
+            "maml": evaluate(maml_cfg, maml, (maml_cfg.inner.lr,), 3, eval_tasks),
             "pretrained": evaluate(maml_cfg, pre, ALPHAS, 3, eval_tasks),
             "random": evaluate(maml_cfg, None, ALPHAS, 3, eval_tasks),
         }
@@ -158,7 +163,7 @@ def main() -> None:
     paired = {}
     for base in ("pretrained", "random"):
         for k in range(1, 4):
-            diff = evals["maml"][str(maml_cfg.inner_lr)][:, k] - evals[base][str(table[base][k]["alpha"])][:, k]
+            diff = evals["maml"][str(maml_cfg.inner.lr)][:, k] - evals[base][str(table[base][k]["alpha"])][:, k]
             paired[f"{base}/step_{k}"] = {"mean": float(diff.mean()),
                                           "sem": float(diff.std(ddof=1) / np.sqrt(len(diff))),
                                           "maml_better_goals": int((diff > 0).sum()), "goals": len(diff)}
@@ -206,9 +211,9 @@ def main() -> None:
         cells = [cell(c) + (f" [{c['alpha']}]" if name != "maml" and k > 0 else "") for k, c in enumerate(table[name])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name in ("pretrained", "random"):  # at MAML's alpha, as the paper compares them
-        same = evals[name][str(maml_cfg.inner_lr)]
+        same = evals[name][str(maml_cfg.inner.lr)]
         cells = [f"{same[:, k].mean():.2f} ± {same[:, k].std(ddof=1) / np.sqrt(len(same)):.2f}" for k in range(4)]
-        lines.append(f"| {name}, alpha {maml_cfg.inner_lr} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name}, alpha {maml_cfg.inner.lr} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"MAML beats both baselines after one step: **{maml_wins}**.",

@@ -36,7 +36,7 @@ from typing import Any
 import ray
 import torch
 
-from workers.distributed import ensure_ray
+from workers.raygroup import ensure_ray
 from workers.sweep import run_sweep
 from workers.sweep_spec import SweepSpec, TrialInfo
 

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service import jobs, registry
+from workers.run import Trainer
 from workers.spec import JobSpec
 from workers.tasks.omniglot import preprocess_image
-from workers.training import Trainer
 
 API = "/api/v1"
 OMNIGLOT_SPEC = {"name": "omni", "task": {"family": "omniglot", "ways": 5, "shots": 1, "queries": 1,
@@ -41,10 +41,13 @@ def register_classifier(client: TestClient, tenant: str = "admin") -> str:
     settings = client.app.state.settings
     run_dir = settings.storage_path / "jobs" / "omni"
     # Trainer.export writes the registry's format; an instance without __init__ skips loading Omniglot.
-    trainer = Trainer.__new__(Trainer)
-    trainer.spec, trainer.family, trainer.iteration, trainer.eval_metrics = spec, _ImageFamily(), 0, {}
     from workers.models import build_model
+    from workers.supervised import SupervisedProgram
 
+    trainer = Trainer.__new__(Trainer)
+    trainer.program = SupervisedProgram.__new__(SupervisedProgram)
+    trainer.program.family = _ImageFamily()
+    trainer.spec, trainer.iteration, trainer.eval_metrics = spec, 0, {}
     trainer.model = build_model(spec.model, input_shape=(1, 28, 28), output_dim=5)
     export = trainer.export(run_dir / "model")
     with services.session_factory() as session:

@@ -24,7 +24,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    from workers.distributed import ensure_ray
+    from workers.raygroup import ensure_ray
 
     # Workers import test-only model factories from tests/ (user_models.py).
     os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
@@ -42,7 +42,7 @@ def _spec(**overrides) -> JobSpec:
 
 
 def _run(spec: JobSpec, run_dir: Path, **kw):
-    from workers.distributed import run_training
+    from workers.run import run_training
 
     kw.setdefault("reporter", lambda i, m: None)
     kw.setdefault("should_stop", lambda: False)
@@ -67,7 +67,10 @@ def test_killed_worker_restarts_group_and_resumes_from_checkpoint(cluster, tmp_p
                  resources={"workers": 2})
     groups: list[list[int]] = []
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", _run(spec, tmp_path, on_workers=groups.append)))
+    def start(t) -> None:
+        groups.append(t.group.pids)
+
+    thread = threading.Thread(target=lambda: out.setdefault("result", _run(spec, tmp_path, on_start=start)))
     thread.start()
     deadline = time.monotonic() + 120
     while not list_checkpoints(tmp_path / "checkpoints") and time.monotonic() < deadline:

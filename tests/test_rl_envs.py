@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from workers.rl.algorithms import sample_adaptation
-from workers.rl.config import RLConfig
 from workers.rl.envs import Nav2D, Nav2DFamily, build_env_family, sample_tasks
 from workers.rl.policy import GaussianMLPPolicy
+from workers.spec import JobSpec
 
 
 def test_nav2d_clips_the_velocity_and_rewards_minus_the_squared_distance() -> None:
@@ -81,16 +81,17 @@ def test_bad_input_names_the_field() -> None:
 
     for field, value in [("horizon", 5000), ("rollouts", 10_000), ("family", "ant")]:
         with pytest.raises(ValidationError, match=field):
-            RLConfig.model_validate({field: value})
-    assert RLConfig().horizon == 100 and RLConfig().meta_batch_size == 20
+            JobSpec.model_validate({"task": {"family": "nav2d", field: value}})
+    spec = JobSpec.model_validate({"task": {"family": "nav2d"}})
+    assert spec.task.episode_length == 100 and spec.outer.meta_batch_size == 20
 
 
 def test_halfcheetah_rewards() -> None:
     pytest.importorskip("gymnasium")
     pytest.importorskip("mujoco")
     vel = build_env_family("halfcheetah_vel")
-    assert RLConfig(family="halfcheetah_vel").horizon == 200
-    assert RLConfig(family="halfcheetah_dir").meta_batch_size == 40
+    assert JobSpec.model_validate({"task": {"family": "halfcheetah_vel"}}).task.episode_length == 200
+    assert JobSpec.model_validate({"task": {"family": "halfcheetah_dir"}}).outer.meta_batch_size == 40
     env = vel.make_env(np.array([[0.0], [2.0]]), np.array([1, 1]), horizon=3)
     obs = env.reset()
     assert obs.shape == (2, 17) and np.array_equal(obs[0], obs[1])  # same reset seed, same state

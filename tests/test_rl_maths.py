@@ -18,11 +18,11 @@ from workers.rl.algorithms import (
     linear_baseline,
     process,
     reinforce_loss,
+    sample_adaptation,
     trpo_update,
 )
 from workers.rl.envs import Nav2DFamily, sample_tasks
 from workers.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob
-from workers.rl.trainer import sample_adaptation
 
 DT = torch.float64
 

@@ -15,7 +15,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    from workers.distributed import ensure_ray
+    from workers.raygroup import ensure_ray
 
     # Trial actors import the test-only model factories from tests/ (user_models.py).
     os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
@@ -87,7 +87,7 @@ def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(cl
 CHILD = """
 import json, os, sys
 from pathlib import Path
-from workers.distributed import ensure_ray
+from workers.raygroup import ensure_ray
 from workers.sweep import run_sweep
 from workers.sweep_spec import SweepSpec
 

@@ -8,9 +8,9 @@ import torch
 from workers.checkpoint import latest_checkpoint, list_checkpoints
 from workers.errors import TrainingError
 from workers.evaluation import mean_ci95
+from workers.run import Trainer
 from workers.spec import JobSpec
 from workers.tasks.sinusoid import SinusoidFamily
-from workers.training import Trainer
 
 
 def _spec(**overrides) -> JobSpec:

@@ -69,15 +69,25 @@ class ImageFolderTask(_Spec):
     channels: Literal[1, 3] = Field(3, description="1 for grey, 3 for RGB")
 
 
-RL_FAMILIES = ("nav2d", "halfcheetah_vel", "halfcheetah_dir")
+# Meta-RL: the paper's per-family defaults, the one table of them (Finn et al., 2017, section 5.3).
+RL_FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "nav2d": {"horizon": 100, "meta_batch_size": 20},
+    "halfcheetah_vel": {"horizon": 200, "meta_batch_size": 40},
+    "halfcheetah_dir": {"horizon": 200, "meta_batch_size": 40},
+}
+RL_FAMILIES = tuple(RL_FAMILY_DEFAULTS)
+RL_MAX_STEPS = 10  # policy-gradient steps (inner and at evaluation): each needs fresh rollouts
+RL_MAX_EVAL_TASKS = 1000
+RL_MAX_ROLLOUTS = 200
+RL_MAX_HORIZON = 1000
 
 
 class RLTask(_Spec):
     family: Literal["nav2d", "halfcheetah_vel", "halfcheetah_dir"] = Field(
         description="meta-RL: nav2d (2D point navigation to a goal in [-0.5, 0.5]^2), halfcheetah_vel "
         "(target velocity in [0, 2]) or halfcheetah_dir (forward/backward), the latter two on MuJoCo")
-    rollouts: int = Field(20, ge=1, le=200, description="K: rollouts per task for each adaptation step")
-    horizon: int | None = Field(None, ge=1, le=1000, description="episode length (default: 100 for nav2d, "
+    rollouts: int = Field(20, ge=1, le=RL_MAX_ROLLOUTS, description="K: rollouts per task for each adaptation step")
+    horizon: int | None = Field(None, ge=1, le=RL_MAX_HORIZON, description="episode length (default: 100 for nav2d, "
                                 "200 for half-cheetah)")
     reward: Literal["squared", "distance"] = Field(
         "squared", description="nav2d reward: minus the squared distance to the goal (the paper's text) or "
@@ -89,6 +99,11 @@ class RLTask(_Spec):
         if self.family != "nav2d" and self.reward != "squared":
             raise ValueError("reward: only nav2d has a reward variant")
         return self
+
+    @property
+    def episode_length(self) -> int:
+        """The horizon, or the family's default."""
+        return self.horizon if self.horizon is not None else RL_FAMILY_DEFAULTS[self.family]["horizon"]
 
 
 TaskSpec = Annotated[SinusoidTask | OmniglotTask | ImageFolderTask | RLTask, Field(discriminator="family")]
@@ -196,10 +211,11 @@ class JobSpec(_Spec):
             raise ValueError("model.name: RL task families use the Gaussian MLP policy: {'name': 'mlp'}")
         if self.outer.optimizer == "sgd":
             raise ValueError("outer.optimizer: RL task families take trpo or adam")
-        if self.inner.steps > 10:
-            raise ValueError("inner.steps: at most 10 policy-gradient steps for RL task families")
+        if self.inner.steps > RL_MAX_STEPS:
+            raise ValueError(f"inner.steps: at most {RL_MAX_STEPS} policy-gradient steps for RL task families")
+        family = RL_FAMILY_DEFAULTS[self.task.family]
         defaults: list[tuple[_Spec, dict[str, Any]]] = [
-            (self.outer, {"optimizer": "trpo", "meta_batch_size": 20 if self.task.family == "nav2d" else 40}),
+            (self.outer, {"optimizer": "trpo", "meta_batch_size": family["meta_batch_size"]}),
             (self.inner, {"lr": 0.1}),
             (self.model, {"hidden": [100, 100]}),
             (self.eval, {"steps": 3, "tasks": 40, "every": 50}),
@@ -208,10 +224,10 @@ class JobSpec(_Spec):
             for field, value in values.items():
                 if field not in section.model_fields_set:
                     setattr(section, field, value)
-        if self.eval.steps > 10:
-            raise ValueError("eval.steps: at most 10 adaptation steps for RL task families")
-        if self.eval.tasks > 1000:
-            raise ValueError("eval.tasks: at most 1000 goals for RL task families")
+        if self.eval.steps > RL_MAX_STEPS:
+            raise ValueError(f"eval.steps: at most {RL_MAX_STEPS} adaptation steps for RL task families")
+        if self.eval.tasks > RL_MAX_EVAL_TASKS:
+            raise ValueError(f"eval.tasks: at most {RL_MAX_EVAL_TASKS} goals for RL task families")
 
     @property
     def is_classification(self) -> bool:

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from workers.errors import WorkerLost
+from workers.run import Trainer, run_training
 from workers.spec import JobSpec
+from workers.supervised import device_for
 from workers.sweep_spec import apply_config
-from workers.training import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _TuneReporter:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], launch: str, scratch_dir: str, data_root: str | None,
-           cache_dir: str | None, allowed_modules: list[str] | None, max_restarts: int = 3) -> None:
+              cache_dir: str | None, allowed_modules: list[str] | None, max_restarts: int = 3) -> None:
     """The function trainable: one configuration, trained to its end (or until Tune stops it)."""
     from ray import tune
 
@@ -93,36 +93,15 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], launch: str, scra
     if restored is not None:
         with restored.as_directory() as folder:
             shutil.copytree(Path(folder) / "checkpoints", run_dir / "checkpoints")
-    root = Path(data_root) if data_root else None
-    cache = Path(cache_dir) if cache_dir else None
-    factory = None
-    device = None
-    if launch_for(spec, launch) == "distributed":
-        from workers.distributed import RayExecutor
-
-        def factory(s: JobSpec, family: Any, model: Any) -> RayExecutor:
-            # Shard actors land in this trial's placement group (Tune captures child actors).
-            return RayExecutor(s, data_root=root, cache_dir=cache, allowed_modules=allowed_modules)
-    elif spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
-        device = torch.device("cuda")
+    # Distributed: the workers are actors in this trial's placement group (Tune captures child
+    # actors). In process: the trial's own actor computes, on its GPU if it was given one.
+    distributed = launch_for(spec, launch) == "distributed"
     reporter = _TuneReporter(spec, run_dir, entered)
-    restarts = 0
-    while True:
-        # Only evaluations report (every report must carry the sweep metric); the last iteration
-        # always evaluates.
-        trainer = Trainer(spec, run_dir=run_dir, reporter=reporter, executor_factory=factory,
-                          allowed_modules=allowed_modules, report_every=spec.outer.iterations + 1,
-                          device=device, data_root=root, cache_dir=cache)
-        reporter.ready(trainer)
-        try:
-            trainer.run()
-            break
-        except WorkerLost as exc:  # a shard actor died: restart the group from the last checkpoint
-            restarts += 1
-            if restarts > max_restarts:
-                raise
-            logger.warning("trial %s: %s; restarting its workers (%d/%d)", tune.get_context().get_trial_id(),
-                           exc, restarts, max_restarts)
+    # Only evaluations report (every report must carry the sweep metric); the last iteration always evaluates.
+    run_training(spec, run_dir=run_dir, reporter=reporter, should_stop=lambda: False,
+                 data_root=Path(data_root) if data_root else None, cache_dir=Path(cache_dir) if cache_dir else None,
+                 allowed_modules=allowed_modules, report_every=spec.outer.iterations + 1, max_restarts=max_restarts,
+                 on_start=reporter.ready, use_ray=distributed, device=None if distributed else device_for(spec))
     shutil.rmtree(run_dir, ignore_errors=True)  # the model and checkpoints now live in Tune's checkpoints
 
 

@@ -5,8 +5,8 @@ Collects K rollouts of the task with the trained policy, takes ``steps`` policy-
 
 Example::
 
-    config, policy, params = load_policy(Path("runs/nav/model"))
-    result = adapt_policy(policy, params, build_family(config), [0.3, -0.2], config=config, seed=1)
+    spec, policy, params = load_policy(Path("runs/nav/model"))
+    result = adapt_policy(policy, params, build_family(spec), [0.3, -0.2], spec=spec, seed=1)
     result.return_before, result.return_after
 """
 
@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from workers.errors import SpecError
 from workers.inner import Params
 from workers.rl.algorithms import sample_adaptation
-from workers.rl.config import MAX_HORIZON, MAX_ROLLOUTS, RLConfig
 from workers.rl.envs import EnvFamily
 from workers.rl.policy import GaussianMLPPolicy
-from workers.rl.trainer import build_family, build_policy
+from workers.rl.program import BASELINE_REG, NORMALIZE_ADVANTAGES, build_family, build_policy, rl_task
+from workers.spec import RL_MAX_HORIZON, RL_MAX_ROLLOUTS, RL_MAX_STEPS, JobSpec
 from workers.tasks.base import task_rng
 
 
@@ -38,50 +38,51 @@ class AdaptResult:
     env_steps: int = 0
 
 
-def load_policy(model_dir: Path) -> tuple[RLConfig, GaussianMLPPolicy, Params]:
-    """An exported RL policy (``model.safetensors`` + ``model.json``): its config, module and params."""
+def load_policy(model_dir: Path) -> tuple[JobSpec, GaussianMLPPolicy, Params]:
+    """An exported RL policy (``model.safetensors`` + ``model.json``): its spec, module and params."""
     info = json.loads((Path(model_dir) / "model.json").read_text())
     if info.get("kind") != "rl_policy":
         raise ValueError(f"{model_dir}: not an RL policy export")
-    config = RLConfig.model_validate(info["config"])
-    family = build_family(config)
-    policy = build_policy(config, family)
+    spec = JobSpec.model_validate(info["spec"])
+    family = build_family(spec)
+    policy = build_policy(spec, family)
     policy.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")), strict=True)
-    return config, policy, {n: p.detach() for n, p in policy.named_parameters()}
+    return spec, policy, {n: p.detach() for n, p in policy.named_parameters()}
 
 
 def adapt_policy(policy: GaussianMLPPolicy, params: Params, family: EnvFamily, task: object, *,
-                 config: RLConfig, rollouts: int | None = None, steps: int | None = None, lr: float | None = None,
+                 spec: JobSpec, rollouts: int | None = None, steps: int | None = None, lr: float | None = None,
                  horizon: int | None = None, seed: int = 0) -> AdaptResult:
     """Adapt to ``task`` (a goal (x, y) for nav2d, a velocity or a direction for half-cheetah).
 
-    ``rollouts``, ``steps``, ``lr`` and ``horizon`` default to the training config's. Raises
+    ``rollouts``, ``steps``, ``lr`` and ``horizon`` default to the training spec's. Raises
     SpecError naming the field for a task outside its space or a count over the limits.
     """
     value = family.validate_task(task)
-    rollouts = config.rollouts if rollouts is None else rollouts
-    steps = max(config.inner_steps, 1) if steps is None else steps
-    lr = config.inner_lr if lr is None else lr
-    horizon = config.episode_length if horizon is None else horizon
-    if not 1 <= rollouts <= MAX_ROLLOUTS:
-        raise SpecError("rollouts", f"{rollouts} is outside 1..{MAX_ROLLOUTS}")
-    if not 1 <= horizon <= MAX_HORIZON:
-        raise SpecError("horizon", f"{horizon} is outside 1..{MAX_HORIZON}")
-    if not 0 <= steps <= 10:
-        raise SpecError("steps", f"{steps} is outside 0..10")
+    trained = rl_task(spec)
+    rollouts = trained.rollouts if rollouts is None else rollouts
+    steps = max(spec.inner.steps, 1) if steps is None else steps
+    lr = spec.inner.lr if lr is None else lr
+    horizon = trained.episode_length if horizon is None else horizon
+    if not 1 <= rollouts <= RL_MAX_ROLLOUTS:
+        raise SpecError("rollouts", f"{rollouts} is outside 1..{RL_MAX_ROLLOUTS}")
+    if not 1 <= horizon <= RL_MAX_HORIZON:
+        raise SpecError("horizon", f"{horizon} is outside 1..{RL_MAX_HORIZON}")
+    if not 0 <= steps <= RL_MAX_STEPS:
+        raise SpecError("steps", f"{steps} is outside 0..{RL_MAX_STEPS}")
     if not (lr > 0 and np.isfinite(lr)):
         raise SpecError("lr", f"{lr} must be a positive number")
     with torch.no_grad():
         params = {n: p.detach().clone() for n, p in params.items()}
     [out] = sample_adaptation(policy, params, family, value[None, :], [task_rng(seed, "test", 0, 0)],
-                              rollouts=rollouts, steps=steps, lr=lr, horizon=horizon, gamma=config.gamma,
-                              baseline_reg=config.baseline_reg, normalize_advantages=config.normalize_advantages)
+                              rollouts=rollouts, steps=steps, lr=lr, horizon=horizon, gamma=trained.gamma,
+                              baseline_reg=BASELINE_REG, normalize_advantages=NORMALIZE_ADVANTAGES)
     return AdaptResult(out.returns[0], out.returns[-1], list(out.returns), out.env_steps)
 
 
 def adapt_exported(model_dir: Path, task: object, *, rollouts: int | None = None, steps: int | None = None,
                    lr: float | None = None, horizon: int | None = None, seed: int = 0) -> AdaptResult:
     """``load_policy`` then ``adapt_policy``: one call for ``POST /models/{id}/adapt``."""
-    config, policy, params = load_policy(model_dir)
-    return adapt_policy(policy, params, build_family(config), task, config=config, rollouts=rollouts, steps=steps,
+    spec, policy, params = load_policy(model_dir)
+    return adapt_policy(policy, params, build_family(spec), task, spec=spec, rollouts=rollouts, steps=steps,
                         lr=lr, horizon=horizon, seed=seed)

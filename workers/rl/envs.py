@@ -51,8 +51,6 @@ class EnvFamily(Protocol):
     obs_dim: int
     act_dim: int
     task_dim: int
-    horizon: int  # the family's default episode length
-    meta_batch_size: int  # the paper's meta-batch for this family
 
     def sample_task(self, rng: np.random.Generator) -> np.ndarray: ...  # (task_dim,)
 
@@ -122,8 +120,6 @@ class Nav2DFamily:
     obs_dim = 2
     act_dim = 2
     task_dim = 2
-    horizon = 100
-    meta_batch_size = 20
 
     def __init__(self, *, reward: str = "squared", low: float = -0.5, high: float = 0.5) -> None:
         self.reward, self.low, self.high = reward, low, high
@@ -190,8 +186,6 @@ class HalfCheetahFamily:
     obs_dim = 17
     act_dim = 6
     task_dim = 1
-    horizon = 200
-    meta_batch_size = 40
 
     def __init__(self, mode: str) -> None:
         if mode not in ("vel", "dir"):

@@ -1,0 +1,164 @@
+"""Worker groups: the one place that starts, calls and closes the processes a run computes on.
+
+A run's workers are instances of one plain class (``ShardWorker`` for supervised meta-batches,
+``RolloutWorker`` for meta-RL rollouts), built as ``cls(spec, rank, world, **context)``.
+``WorkerGroup`` makes them Ray actors with the job's resources; ``LocalGroup`` builds one in this
+process. Both answer ``share(value)`` (what every worker reads: through the object store once)
+and ``call(method, *args)`` with one result per worker, in rank order, so a training step is
+written once for both.
+
+Failures are typed (``workers.errors``): a worker that died is ``WorkerLost`` (the run restarts
+the group from its last checkpoint), a non-finite loss stays ``NonFiniteLossError``, anything
+else raised in a worker is ``WorkerError`` with its cause. A group the cluster cannot place fails
+after ``start_timeout_s`` naming what it asked for and what the cluster has; a cancel
+(``should_stop``) ends that wait early.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workers.errors import NonFiniteLossError, WorkerError, WorkerLost
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process: the cluster at ``address`` (Ray itself also reads
+    ``RAY_ADDRESS``), else a local cluster sized to this machine.
+
+    Ray 2.60 turns on token authentication for local clusters and generates the token itself; to
+    join a cluster that uses token auth, ``ray.init`` reads ``RAY_AUTH_TOKEN`` from the environment.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers import this package: they run from our source tree, ahead of the PYTHONPATH they
+    # inherit (Ray expands ${PYTHONPATH} on the node).
+    root = Path(__file__).resolve().parents[1]
+    runtime_env = {"env_vars": {"PYTHONPATH": f"{root}{os.pathsep}${{PYTHONPATH}}"}}
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        logger.info("starting or joining a Ray cluster (%s CPUs if started here)", num_cpus or "all")
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env=runtime_env,
+                 logging_level=logging.WARNING, configure_logging=True)
+
+
+def gather(refs: list) -> list:
+    """``ray.get`` with failures typed: a dead worker is WorkerLost (restartable), a non-finite loss
+    stays NonFiniteLossError, anything else raised in a worker is WorkerError with its cause."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs)
+    except (ActorDiedError, ActorUnavailableError) as exc:
+        raise WorkerLost(f"a worker died: {exc}") from exc
+    except RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc
+        if isinstance(cause, RayActorError):
+            raise WorkerLost(f"a worker died: {cause}") from exc
+        if isinstance(cause, NonFiniteLossError):
+            raise NonFiniteLossError(str(cause)) from exc
+        raise WorkerError(f"{type(cause).__name__}: {cause}") from exc
+    except RayActorError as exc:
+        raise WorkerLost(f"a worker died: {exc}") from exc
+
+
+def _resources(res: dict[str, float]) -> str:
+    return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+class LocalGroup:
+    """One worker in this process (rank 0 of 1): the same interface as ``WorkerGroup``."""
+
+    def __init__(self, worker: Any) -> None:
+        self.workers = [worker]
+        self.pids = [os.getpid()]
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def call(self, method: str, *args: Any) -> list:
+        return [getattr(w, method)(*args) for w in self.workers]
+
+    def close(self) -> None:
+        self.workers = []
+
+
+class WorkerGroup:
+    """``world`` Ray actors of ``cls``, each with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    Waits at most ``start_timeout_s`` for the cluster to place the group (an autoscaler may be
+    adding nodes); ``should_stop()`` ends the wait early, leaving an empty group (the training
+    loop then sees the cancel before its first iteration). Never leaves half a group holding the
+    cluster's resources.
+    """
+
+    def __init__(self, cls: type, spec: Any, *, world: int, cpus: float, gpus: float,
+                 start_timeout_s: float = 600.0, should_stop: Callable[[], bool] | None = None,
+                 **context: Any) -> None:
+        import ray
+
+        remote = ray.remote(cls)
+        self.workers: list = []
+        self.pids: list[int] = []
+        try:
+            for rank in range(world):
+                self.workers.append(remote.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
+                                    .remote(spec, rank, world, **context))
+            refs = [w.pid.remote() for w in self.workers]
+            deadline = time.monotonic() + start_timeout_s
+            while len(ray.wait(refs, num_returns=len(refs), timeout=min(1.0, start_timeout_s))[0]) < len(refs):
+                if should_stop is not None and should_stop():
+                    self.close()
+                    return
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"the worker group did not start in {start_timeout_s:.0f} s: the job asks for {world} "
+                        f"worker(s) x {cpus:g} CPU, {gpus:g} GPU; the Ray cluster has "
+                        f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free")
+            self.pids = gather(refs)
+        except BaseException:
+            self.close()
+            raise
+
+    def share(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def call(self, method: str, *args: Any) -> list:
+        """``method(*args)`` on every worker, results in rank order."""
+        return gather([getattr(w, method).remote(*args) for w in self.workers])
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.workers = []
+
+
+class Worker:
+    """Base of the classes a group runs: ``pid`` and ``peak_rss_bytes`` for observability."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def peak_rss_bytes(self) -> int:
+        """This worker process's resident-memory high-water mark."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,169 @@
+"""Supervised meta-learning as a program of the training loop: regression and few-shot classification.
+
+At every meta-iteration the driver shares the current parameters with the worker group once; each
+``ShardWorker`` samples its own deterministic shard of the meta-batch (task indices
+``rank::world``) and returns the *sum* of its tasks' meta-gradients as one flat vector; the
+parameter aggregator (``workers.aggregator``) averages the shards and takes the meta-optimizer
+step. Every shard is a pure function of (spec, parameters, iteration), so 1 or n workers give the
+same parameters up to float summation order. The loop around it is ``workers.run.Trainer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.aggregator import GradientSum, apply_meta_update, flatten, mean, unflatten
+from workers.engine import shard_meta_gradient
+from workers.errors import TrainingError
+from workers.evaluation import meta_test
+from workers.inner import Params
+from workers.models import build_model
+from workers.raygroup import Worker
+from workers.spec import JobSpec
+from workers.tasks import TaskFamily, build_task_family
+from workers.tasks.base import Task, shard_indices
+
+
+def torch_dtype(spec: JobSpec) -> torch.dtype:
+    return torch.float64 if spec.dtype == "float64" else torch.float32
+
+
+def build(spec: JobSpec, *, data_root: Path | None = None, cache_dir: Path | None = None,
+          allowed_modules: Iterable[str] | None = None) -> tuple[TaskFamily, nn.Module]:
+    """The task family and the freshly initialised model of a spec (initialisation seeded)."""
+    dtype = torch_dtype(spec)
+    family = build_task_family(spec.task, data_root=data_root, cache_dir=cache_dir, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, input_shape=family.input_shape, output_dim=family.output_dim,
+                            allowed_modules=allowed_modules)
+    return family, model.to(dtype)
+
+
+def engine_kwargs(spec: JobSpec, loss: str) -> dict:
+    return dict(algorithm=spec.algorithm, inner_steps=spec.inner.steps, inner_lr=spec.inner.lr, loss=loss,
+                inner_optimizer=spec.inner.optimizer, inner_batch_size=spec.inner.batch_size)
+
+
+def sample_shard(family: TaskFamily, spec: JobSpec, iteration: int, shard: int, num_shards: int,
+                 device: torch.device | None = None) -> list[Task]:
+    tasks = [family.sample(spec.seed, iteration, i, "train")
+             for i in shard_indices(spec.outer.meta_batch_size, shard, num_shards)]
+    if device is not None and device.type != "cpu":
+        tasks = [Task(*(t.to(device, non_blocking=True) for t in task)) for task in tasks]
+    return tasks
+
+
+def make_optimizer(spec: JobSpec, params: Iterable[nn.Parameter]) -> tuple[torch.optim.Optimizer,
+                                                                          torch.optim.lr_scheduler.LRScheduler]:
+    params = list(params)
+    if spec.outer.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=spec.outer.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=spec.outer.lr)
+    total = spec.outer.iterations
+    # Reptile anneals its outer step size linearly to zero; otherwise the factor stays 1.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: max(0.0, 1.0 - it / total) if spec.outer.anneal else 1.0)
+    return opt, schedule
+
+
+def device_for(spec: JobSpec) -> torch.device:
+    return torch.device("cuda" if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+
+
+class ShardWorker(Worker):
+    """One worker of a job: builds the task family and model once, then computes shards.
+
+    ``built`` hands an in-process worker the driver's own family and model instead of a second copy.
+    """
+
+    def __init__(self, spec: JobSpec, rank: int, world: int, *, data_root: str | None = None,
+                 cache_dir: str | None = None, allowed_modules: list[str] | None = None, threads: int | None = None,
+                 built: tuple[TaskFamily, nn.Module] | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.rank, self.world = rank, world
+        self.device = device_for(self.spec)
+        self.family, self.model = built or build(self.spec, data_root=Path(data_root) if data_root else None,
+                                                 cache_dir=Path(cache_dir) if cache_dir else None,
+                                                 allowed_modules=allowed_modules)
+        self.model.to(self.device)
+        self.kwargs = engine_kwargs(self.spec, self.family.loss)
+        self.names = [n for n, _ in self.model.named_parameters()]
+
+    def compute(self, state: tuple[Params, Params], iteration: int,
+                before: bool = True) -> tuple[torch.Tensor, dict[str, float], int]:
+        params, buffers = ({k: v.to(self.device) for k, v in d.items()} for d in state)
+        tasks = sample_shard(self.family, self.spec, iteration, self.rank, self.world, self.device)
+        total = shard_meta_gradient(self.model, params, buffers, tasks, before=before, **self.kwargs)
+        flat = flatten(total.grads, self.names).cpu() if total.count else torch.zeros(0)
+        return flat, total.metrics, total.count
+
+
+class SupervisedProgram:
+    """What the training loop runs for a supervised spec: the model, the meta-optimizer and its
+    schedule, one meta-iteration over the worker group, the meta-test evaluation and the export."""
+
+    worker_cls = ShardWorker
+    diverged = "non-finite loss"  # how the loop names a NonFiniteLossError
+
+    def __init__(self, spec: JobSpec, *, data_root: Path | None = None, cache_dir: Path | None = None,
+                 allowed_modules: Iterable[str] | None = None, device: torch.device | None = None) -> None:
+        self.spec = spec
+        self.device = device or torch.device("cpu")
+        self.family, self.module = build(spec, data_root=data_root, cache_dir=cache_dir,
+                                         allowed_modules=allowed_modules)
+        self.module.to(self.device)
+        self.parameters = dict(self.module.named_parameters())
+        self.optimizer, self.schedule = make_optimizer(spec, self.parameters.values())
+        self.worker_context = dict(data_root=str(data_root) if data_root else None,
+                                   cache_dir=str(cache_dir) if cache_dir else None,
+                                   allowed_modules=list(allowed_modules) if allowed_modules is not None else None,
+                                   threads=spec.resources.threads_per_worker)
+
+    def local_worker(self) -> ShardWorker:
+        return ShardWorker(self.spec, 0, 1, built=(self.family, self.module))
+
+    def state(self) -> tuple[Params, Params]:
+        return ({k: v.detach() for k, v in self.parameters.items()},
+                {k: v.detach() for k, v in self.module.named_buffers()})
+
+    def step(self, group: Any, iteration: int, *, before: bool) -> tuple[dict[str, float], int]:
+        """One meta-iteration: fan out, aggregate, meta-update. Its metrics and the tasks it saw."""
+        params, buffers = self.state()
+        shared = group.share(({k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}))
+        sums = []
+        for flat, metrics, count in group.call("compute", shared, iteration, before):
+            s = GradientSum()
+            if count:
+                s.grads = {k: v.to(self.device) for k, v in unflatten(flat, params).items()}
+            s.metrics, s.count = metrics, count
+            sums.append(s)
+        grads, metrics, count = mean(sums)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            raise TrainingError(f"non-finite meta-gradient at iteration {iteration}", iteration)
+        apply_meta_update(self.parameters, self.optimizer, grads)
+        self.schedule.step()
+        metrics["meta/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics, count
+
+    def resume(self, iteration: int) -> None:
+        self.schedule.last_epoch = iteration  # the optimizer state already holds the annealed lr
+
+    def evaluate(self) -> dict[str, float]:
+        params, buffers = self.state()
+        spec = self.spec
+        return meta_test(self.module, params, buffers, self.family, seed=spec.seed, num_tasks=spec.eval.tasks,
+                         steps=spec.eval.steps, lr=spec.inner.lr, optimizer=spec.inner.optimizer,
+                         batch_size=spec.inner.batch_size, device=self.device)
+
+    def export_info(self) -> dict[str, Any]:
+        return {"input_shape": list(self.family.input_shape), "output_dim": self.family.output_dim,
+                "loss": self.family.loss}
