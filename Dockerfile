@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
 COPY api ./api
+COPY cli ./cli
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 1000 maml \
     && mkdir -p /var/lib/maml /var/cache/maml && chown -R maml /var/lib/maml /var/cache/maml

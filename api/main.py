@@ -39,7 +39,8 @@ Backend = Callable[[Settings], RunFn]
 
 def ray_backend(settings: Settings) -> RunFn:
     """Connect to Ray (or start an embedded local cluster) and train jobs on it."""
-    from workers.distributed import ensure_ray, run_training
+    from workers.raygroup import ensure_ray
+    from workers.run import run_training
 
     ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)
     return functools.partial(run_training, worker_start_timeout_s=settings.worker_start_timeout_s)

@@ -6,7 +6,7 @@ here comes from this one run, on this machine:
 
     .venv/bin/python -m benchmarks.distributed [--iterations 8] [--quick]
 
-- ``local``: the single-process engine (``LocalExecutor``) with 1 torch thread: the baseline.
+- ``local``: the single-process engine (a ``LocalGroup``) with 1 torch thread: the baseline.
 - ``ray-1``: the same job on one Ray worker (1 thread): the Ray overhead is ray-1 / local - 1.
 - ``ray-2``: two Ray workers (1 thread each): the speed-up is ray-1 / ray-2.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import ray
 import torch
 
-from workers.distributed import RayExecutor, ensure_ray
+from workers.raygroup import ensure_ray
+from workers.run import Trainer
 from workers.spec import JobSpec
-from workers.training import LocalExecutor, Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,20 +74,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainers: dict[str, Trainer] = {
                 "local": Trainer(spec_for(algorithm, 1, args.batch), run_dir=Path(tmp) / "local",
-                                 data_root=data_root, cache_dir=cache_dir,
-                                 executor_factory=lambda s, f, m: LocalExecutor(s, f, m))}
+                                 data_root=data_root, cache_dir=cache_dir)}
             trainers["local"].step()  # warm-up: first-touch allocations, lazy imports
-            groups: dict[int, RayExecutor] = {}
             for workers in (1, 2):
                 spec = spec_for(algorithm, workers, args.batch)
-
-                def factory(s, f, m, workers=workers, groups=groups):
-                    groups[workers] = RayExecutor(s, data_root=data_root, cache_dir=cache_dir, allowed_modules=None)
-                    return groups[workers]
-
                 launch = time.perf_counter()
                 trainer = Trainer(spec, run_dir=Path(tmp) / f"ray{workers}", data_root=data_root, cache_dir=cache_dir,
-                                  executor_factory=factory)
+                                  use_ray=True)
                 ready = time.perf_counter()
                 trainer.step()
                 done = time.perf_counter()
@@ -103,11 +96,12 @@ def main() -> None:
             for name, values in times.items():
                 result[f"{name}_s"] = statistics.median(values)
                 result[f"{name}_all_s"] = [round(v, 3) for v in values]
+            groups = {w: trainers[f"ray{w}"].group for w in (1, 2)}
             result["peak_rss_per_worker_mib"] = {
-                w: [round(p / 2**20) for p in ray.get([a.peak_rss_bytes.remote() for a in ex.workers])]
-                for w, ex in groups.items()}
-            for ex in groups.values():
-                ex.close()
+                w: [round(p / 2**20) for p in ray.get([a.peak_rss_bytes.remote() for a in group.workers])]
+                for w, group in groups.items()}
+            for group in groups.values():
+                group.close()
         # Ratios per interleaved round, then their median: robust to a drifting load.
         result["speedup_1_to_2"] = statistics.median(
             a / b for a, b in zip(result["ray1_all_s"], result["ray2_all_s"], strict=True))

@@ -1,7 +1,7 @@
 """Budgeted reproductions of the published MAML, first-order MAML and Reptile results.
 
 Each row meta-trains with the paper's hyperparameters through the real engine
-(``workers.training.Trainer``) until its wall-clock budget runs out, then meta-tests on held-out
+(``workers.run.Trainer``) until its wall-clock budget runs out, then meta-tests on held-out
 tasks (mean and 95% confidence interval over N tasks, 600 in the papers), and writes the table
 beside the published numbers with the iterations completed, the seconds spent and a learning curve:
 
@@ -40,9 +40,10 @@ from typing import Any, Literal
 import torch
 
 from workers.evaluation import meta_test
+from workers.run import Trainer
 from workers.spec import JobSpec
+from workers.supervised import torch_dtype
 from workers.tasks import build_task_family
-from workers.training import Trainer, torch_dtype
 
 logger = logging.getLogger("benchmarks.reproduce")
 
@@ -411,7 +412,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         "# Paper reproductions on this CPU",
         "",
         f"Written by `benchmarks/reproduce.py` ({mode}). "
-        "Each row meta-trains with the paper's hyperparameters through `workers.training.Trainer` until "
+        "Each row meta-trains with the paper's hyperparameters through `workers.run.Trainer` until "
         "its wall-clock budget runs out, then meta-tests on N held-out tasks (the papers use 600; "
         "fewer where the meta-test cap required it). Ours: mean ± 95% CI over N tasks; accuracy in %, "
         "sinusoid in MSE. The paper schedules (40-200k iterations) are GPU-sized: a budgeted row "

@@ -12,18 +12,19 @@ Results: ``benchmarks/results/speed.{md,json}`` (``speed.quick.*`` with ``--quic
 
 Candidates (each one iteration = the mean meta-gradient of the meta-batch, plus metrics):
 
-* ``ours``: ``workers.meta_gradient``, the per-task loop the training loop runs today
-  (``workers.engine.shard_meta_gradient``).
-* ``ours-batched``: ``workers.fast.shard_meta_gradient``, the whole meta-batch as one shard
-  (inner loops of all tasks at once; the path the engine's shard function can delegate to).
+* ``ours``: ``workers.meta_gradient(..., before=False)``, what the training loop runs on an
+  iteration that does not report the pre-adaptation metrics: the engine's shard function, which
+  takes the batched path of ``workers.fast`` for this model (inner loops of all tasks at once,
+  then the hand-written CPU query kernels).
+* ``ours-before``: the same with ``before=True``, as on iterations that report
+  ``meta/loss_before`` and ``meta/accuracy_before`` (one more forward pass of every query set).
 * ``higher``: ``higher.innerloop_ctx`` with an SGD inner optimiser, ``copy_initial_weights=False``,
   ``track_higher_grads`` on for second order and off for first order.
 * ``autograd``: a per-task ``torch.autograd.grad`` loop over ``torch.func.functional_call``.
 
-Our engine reports the query loss and accuracy before adaptation too, which costs one more
-forward pass of the query set per task. The anchors compute the same metrics (same outputs);
-the ``-no-before`` rows skip that pass (the meta-gradient and post-adaptation metrics only), as a
-bound on what an anchor would cost without it.
+The anchors compute what ``ours`` does (the meta-gradient; the support loss before adapting; the
+query loss and accuracy after adapting), without the pre-adaptation pass; the speed-up of each of
+our rows is against the fastest anchor.
 
 Method. The machine is shared, so the candidates are interleaved: each runs in its own
 long-lived worker process (so that its peak resident memory, ``ru_maxrss``, is its own), and every
@@ -56,7 +57,7 @@ from torch import nn
 from torch.func import functional_call
 
 RESULTS = Path(__file__).parent / "results"
-THREADS = 2  # this machine's cores; the same for every candidate (--threads to change)
+THREADS = 2  # torch threads, the same for every candidate (--threads to change)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class Setting:
 Grads = dict[str, torch.Tensor]
 Metrics = dict[str, float]
 Candidate = Callable[[nn.Module, list, Setting, bool], tuple[Grads, Metrics]]
-ANCHORS = ("higher", "autograd", "higher-no-before", "autograd-no-before")
-OURS = ("ours", "ours-batched")
+ANCHORS = ("higher", "autograd")
+OURS = ("ours", "ours-before")
 CANDIDATES = OURS + ANCHORS
 
 
@@ -117,31 +118,16 @@ def _mean(total: Grads, metrics: Metrics, count: int) -> tuple[Grads, Metrics]:
 # ---------------------------------------------------------------------------------- candidates
 
 
-def run_ours(model: nn.Module, tasks: list, s: Setting, first_order: bool) -> tuple[Grads, Metrics]:
+def run_ours(model: nn.Module, tasks: list, s: Setting, first_order: bool,
+             before: bool = False) -> tuple[Grads, Metrics]:
     from workers import meta_gradient
 
     return meta_gradient(model, tasks, algorithm="fomaml" if first_order else "maml", inner_steps=s.inner_steps,
-                         inner_lr=s.alpha, loss="cross_entropy")
-
-
-def run_ours_batched(model: nn.Module, tasks: list, s: Setting, first_order: bool) -> tuple[Grads, Metrics]:
-    from workers.aggregator import mean
-    from workers.fast import shard_meta_gradient
-    from workers.inner import split_state
-    from workers.tasks.base import Task
-
-    params, buffers = split_state(model)
-    total = shard_meta_gradient(model, params, buffers, [Task(*t) for t in tasks],
-                                algorithm="fomaml" if first_order else "maml", inner_steps=s.inner_steps,
-                                inner_lr=s.alpha, loss="cross_entropy")
-    if total is None:
-        raise RuntimeError("the batched path does not apply to this model")
-    grads, metrics, _ = mean([total])
-    return grads, metrics
+                         inner_lr=s.alpha, loss="cross_entropy", before=before)
 
 
 def run_autograd(model: nn.Module, tasks: list, s: Setting, first_order: bool,
-                 before: bool = True) -> tuple[Grads, Metrics]:
+                 before: bool = False) -> tuple[Grads, Metrics]:
     """The plain loop: functional parameters, autograd.grad, create_graph for second order."""
     params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -176,7 +162,7 @@ def run_autograd(model: nn.Module, tasks: list, s: Setting, first_order: bool,
 
 
 def run_higher(model: nn.Module, tasks: list, s: Setting, first_order: bool,
-               before: bool = True) -> tuple[Grads, Metrics]:
+               before: bool = False) -> tuple[Grads, Metrics]:
     """higher's unrolled SGD; the meta-gradient reaches the model's own parameters."""
     import higher
 
@@ -214,11 +200,9 @@ def run_higher(model: nn.Module, tasks: list, s: Setting, first_order: bool,
 
 RUNNERS: dict[str, Candidate] = {
     "ours": run_ours,
-    "ours-batched": run_ours_batched,
+    "ours-before": lambda m, t, s, fo: run_ours(m, t, s, fo, before=True),
     "higher": run_higher,
     "autograd": run_autograd,
-    "higher-no-before": lambda m, t, s, fo: run_higher(m, t, s, fo, before=False),
-    "autograd-no-before": lambda m, t, s, fo: run_autograd(m, t, s, fo, before=False),
 }
 
 
@@ -309,17 +293,17 @@ def agreement(setting: Setting, tasks: int, threads: int = THREADS) -> dict:
     for first_order in (False, True):
         order = "first" if first_order else "second"
         model64, tasks64 = make_problem(setting, torch.float64, tasks)
-        ref, ref_metrics = run_autograd(model64, tasks64, setting, first_order)
+        ref, ref_metrics = run_autograd(model64, tasks64, setting, first_order, before=True)
         model32, tasks32 = make_problem(setting, torch.float32, tasks)
-        ref32, ref32_metrics = run_autograd(model32, tasks32, setting, first_order)
+        ref32, ref32_metrics = run_autograd(model32, tasks32, setting, first_order, before=True)
 
         def compare(grads: Grads, metrics: Metrics, ref: Grads, ref_metrics: Metrics) -> dict:
             a = torch.cat([grads[n].reshape(-1) for n in ref]).double()
             b = torch.cat([g.reshape(-1) for g in ref.values()]).double()
             return {"max_rel": float((a - b).abs().max() / b.abs().max()), "norm_rel": float((a - b).norm() / b.norm()),
-                    "metrics_max_abs": max(abs(metrics[k] - ref_metrics[k]) for k in ref_metrics)}
+                    "metrics_max_abs": max(abs(metrics[k] - ref_metrics[k]) for k in metrics)}
 
-        for name in ("ours", "ours-batched", "higher", "autograd"):
+        for name in ("ours", "ours-before", "higher", "autograd"):
             row = out.setdefault(order, {}).setdefault(name, {})
             grads, metrics = RUNNERS[name](model32, tasks32, setting, first_order)
             row["float32"] = compare(grads, metrics, ref, ref_metrics)
@@ -355,18 +339,15 @@ def summarise(timings: dict) -> dict:
         rows[name] = {"median_s": statistics.median(t["wall"]), "min_s": min(t["wall"]),
                       "median_cpu_s": statistics.median(t["cpu"]), "peak_mib": t["peak_mib"],
                       "rounds": len(t["wall"])}
-    anchors = [n for n in timings if n in ANCHORS and not n.endswith("no-before")]
-    lean = [n for n in timings if n.endswith("no-before")]
+    anchors = [n for n in timings if n in ANCHORS]
     rounds = len(next(iter(timings.values()))["wall"])
     for name in (n for n in timings if n in OURS):
-        for key, group in (("speedup_vs_fastest_anchor", anchors), ("speedup_vs_fastest_no_before", lean)):
-            if not group:
-                continue
-            for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
-                per_round = [min(timings[a][clock][r] for a in group) / timings[name][clock][r]
-                             for r in range(rounds)]
-                rows[name][key + suffix] = statistics.median(per_round)
-                rows[name][key + suffix + "_range"] = (min(per_round), max(per_round))
+        if not anchors:
+            continue
+        for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+            per_round = [min(timings[a][clock][r] for a in anchors) / timings[name][clock][r] for r in range(rounds)]
+            rows[name]["speedup_vs_fastest_anchor" + suffix] = statistics.median(per_round)
+            rows[name]["speedup_vs_fastest_anchor" + suffix + "_range"] = (min(per_round), max(per_round))
     return rows
 
 
@@ -387,20 +368,22 @@ def write(results: dict, stem: str, quick: bool) -> None:
         f"shared: 1-minute load average {results['load'][0]:.1f} at the start, {results['load'][1]:.1f} at the end. "
         f"Candidates interleaved, one meta-iteration each per round, rotating order; each in its own process.",
         "",
-        "Candidates: `ours` is `workers.meta_gradient` (the engine's per-task loop, `maml_task`, which takes the "
-        "hand-written CPU query kernels of `workers.fast.fused` for this model); `ours-batched` is "
-        "`workers.fast.shard_meta_gradient` on the whole meta-batch (inner loops of all tasks at once, then the "
-        "same query kernels); `higher` is `higher.innerloop_ctx` (SGD, `copy_initial_weights=False`, "
+        "Candidates: `ours` is `workers.meta_gradient(..., before=False)`, what training runs on iterations "
+        "that do not report the pre-adaptation metrics (the batched path of `workers.fast`: inner loops of all "
+        "tasks at once, then the hand-written CPU query kernels of `workers.fast.fused`); `ours-before` is the "
+        "same with `before=True` (one more forward pass of every query set, for `meta/loss_before` and "
+        "`meta/accuracy_before`); `higher` is `higher.innerloop_ctx` (SGD, `copy_initial_weights=False`, "
         "`track_higher_grads` per order); `autograd` is a per-task `torch.autograd.grad` loop over "
-        "`torch.func.functional_call`.",
+        "`torch.func.functional_call`. The anchors compute what `ours` does (meta-gradient; support loss before "
+        "adapting; query loss and accuracy after adapting), without the pre-adaptation pass.",
         "",
     ]
     for order in ("second", "first"):
         rows = results["timing"][order]
         lines += [f"## {order.capitalize()}-order MAML", "",
                   "| candidate | median s/iter | min s/iter | CPU s/iter | peak RSS (MiB) | "
-                  "speed-up vs fastest anchor (CPU time) | vs fastest `-no-before` anchor (CPU time) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "speed-up vs fastest anchor (CPU time) |",
+                  "|---|---|---|---|---|---|"]
         for name, r in rows.items():
             def ratio(key: str, row: dict = r) -> str:
                 if key not in row:
@@ -408,13 +391,10 @@ def write(results: dict, stem: str, quick: bool) -> None:
                 lo, hi = row[key + "_range"]
                 return f"**{row[key]:.2f}x** ({lo:.2f}-{hi:.2f}; CPU {row[key + '_cpu']:.2f}x)"
             lines.append(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['median_cpu_s']:.3f} | "
-                         f"{r['peak_mib']:.0f} | {ratio('speedup_vs_fastest_anchor')} | "
-                         f"{ratio('speedup_vs_fastest_no_before')} |")
+                         f"{r['peak_mib']:.0f} | {ratio('speedup_vs_fastest_anchor')} |")
         lines += ["", f"{rows[next(iter(rows))]['rounds']} rounds. Speed-up: per round, the fastest anchor's "
                   "wall time over ours; the median over rounds (range in brackets), and the same with process CPU "
-                  "time (less sensitive to other processes on the machine). Anchors compute the same outputs as ours "
-                  "(meta-gradient; support loss; query loss and accuracy before and after adaptation); "
-                  "`-no-before` rows skip the pre-adaptation query pass.", ""]
+                  "time (less sensitive to other processes on the machine).", ""]
     agree = results["agreement"]
     lines += ["## Gradient agreement", "",
               f"Mean meta-gradient over {results['agreement_tasks']} tasks, against the plain autograd loop in "

@@ -9,8 +9,8 @@ Variants, each a whole sweep with no early stopping (the same work, so they comp
 
 - ``in_process``: the Tune function trainable runs ``Trainer`` in its own actor; a fresh actor per trial.
 - ``in_process+reuse``: the same, with Tune's ``reuse_actors``: a finished trial's actor takes the next.
-- ``distributed``: the trainable drives one ``RayExecutor`` shard actor in the trial's placement group,
-  as a multi-worker trial would (``workers.distributed``'s launch); ``distributed+reuse`` likewise.
+- ``distributed``: the trainable drives one ``ShardWorker`` actor in the trial's placement group,
+  as a multi-worker trial would (``workers.raygroup.WorkerGroup``); ``distributed+reuse`` likewise.
 
 and the headline: the same sweep with ASHA and ``run_sweep``'s defaults.
 

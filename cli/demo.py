@@ -105,7 +105,7 @@ def main() -> None:
     admin = secrets.token_urlsafe(32)
     console.rule("maml-service demo")
     console.print(f"starting the service on http://127.0.0.1:{args.port} (embedded Ray, SQLite in {args.data_dir})")
-    from workers.distributed import ensure_ray
+    from workers.raygroup import ensure_ray
 
     ensure_ray()  # in the main thread, where Ray can install its signal handlers
     server, thread = start_server(args.data_dir, args.port, admin)

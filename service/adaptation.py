@@ -48,7 +48,7 @@ from workers.evaluation import adapt, predict
 from workers.inner import Params
 from workers.models import build_model
 from workers.spec import JobSpec
-from workers.training import torch_dtype
+from workers.supervised import torch_dtype
 
 logger = logging.getLogger(__name__)
 _IMAGE_FORMATS = ("PNG", "JPEG")

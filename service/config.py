@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     model_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="module prefixes a model.factory may come from (comma-separated); empty: none")
-    ray_address: str | None = Field(None, description="Ray cluster to join; default: an embedded local one")
+    ray_address: str | None = Field(
+        None, validation_alias=AliasChoices("MAML_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
+        description="Ray cluster to join (or RAY_ADDRESS); default: an embedded local one")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray cluster (default: all)")
     max_concurrent_jobs: int = Field(1, ge=1, le=256, description="jobs trained at the same time")
     max_job_attempts: int = Field(

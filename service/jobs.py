@@ -23,7 +23,7 @@ from service.schemas import finite_metrics
 from workers.errors import ModelError, SpecError
 from workers.models import build_model
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
-from workers.training import build
+from workers.supervised import build
 
 # ------------------------------------------------------------------------------------------ policy
 

@@ -1,6 +1,6 @@
 """The job manager and the sweep manager: :class:`service.runs.RunQueue` specialised to run a job, or a sweep.
 
-A job runner (``workers.distributed.run_training`` by default) blocks until the job ends, resumes
+A job runner (``workers.run.run_training`` by default) blocks until the job ends, resumes
 from ``run_dir/checkpoints`` on its own, reports ``(iteration, metrics)`` and polls
 ``should_stop``. :class:`JobManager` buffers the reports and writes them at most every
 ``metrics_flush_s`` (and at every evaluation and the last iteration), with the progress and an ETA.
@@ -32,16 +32,16 @@ from service.db import Job, Model, Sweep
 from service.metrics import ServiceMetrics
 from service.runs import Outcome, RunQueue
 from service.schemas import finite_metrics
+from workers.run import TrainResult
 from workers.spec import JobSpec
 from workers.sweep import EXPERIMENT_DIR, SweepInterrupted, run_sweep
 from workers.sweep_spec import SweepSpec, TrialInfo
-from workers.training import TrainResult
 
 logger = logging.getLogger(__name__)
 
 
 class RunFn(Protocol):
-    """The runner contract (``workers.distributed.run_training``)."""
+    """The runner contract (``workers.run.run_training``)."""
 
     def __call__(self, spec: JobSpec, *, run_dir: Path, reporter: Callable[[int, dict[str, float]], None],
                  should_stop: Callable[[], bool], data_root: Path | None = None, cache_dir: Path | None = None,
@@ -129,7 +129,7 @@ class JobManager(RunQueue[Job]):
 
     def start(self) -> None:
         if self.run_fn is None and not self._threads:
-            from workers.distributed import run_training
+            from workers.run import run_training
 
             self.run_fn = run_training
         super().start()
@@ -239,7 +239,7 @@ class SweepManager(RunQueue[Sweep]):
         run = _SweepRun(self, row.id, cancel)
         try:
             spec = SweepSpec.model_validate(row.spec)
-            from workers.distributed import ensure_ray
+            from workers.raygroup import ensure_ray
 
             ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)  # no-op when the job backend did
             result = run_sweep(

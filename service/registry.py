@@ -2,7 +2,7 @@
 
 Layout under ``storage``::
 
-    models/<model_id>/model.safetensors, model.json     (as exported by workers.training)
+    models/<model_id>/model.safetensors, model.json     (as exported by workers.run.Trainer)
     adapted/<adapted_id>.safetensors                     (return_weights of an adaptation query)
 """
 

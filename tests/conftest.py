@@ -1,5 +1,5 @@
 """Shared fixtures of the API tests: settings on a temporary data dir with a real SQLite file, an app
-whose jobs train in this process (the real engine, ``workers.training.Trainer``, without Ray), and
+whose jobs train in this process (the real engine, ``workers.run.Trainer``, without Ray), and
 keys: the admin's headers and a factory of tenant keys."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from service.config import Settings
-from workers.training import Trainer, TrainResult
+from workers.run import TrainResult, run_training
 
 ADMIN_TOKEN = "test-admin-token-7f3a9c1e5b2d8f40"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -32,21 +32,9 @@ SMALL_SINE: dict[str, Any] = {
 }
 
 
-def in_process_runner(spec, *, run_dir: Path, reporter, should_stop, data_root=None, cache_dir=None,
-                      allowed_modules=None, report_every: int = 1, checkpoint_dir=None) -> TrainResult:
-    """The runner contract of ``workers.distributed.run_training``, trained in this process."""
-    if spec.is_rl:
-        from workers.rl import RLTrainer
-        from workers.rl.config import describe_export, from_job_spec
-
-        result = RLTrainer(from_job_spec(spec), run_dir=run_dir, reporter=reporter, should_stop=should_stop,
-                           report_every=report_every, checkpoint_dir=checkpoint_dir).run()
-        if result.model_dir is not None:
-            describe_export(Path(result.model_dir), spec)
-        return result
-    return Trainer(spec, run_dir=run_dir, reporter=reporter, should_stop=should_stop, data_root=data_root,
-                   cache_dir=cache_dir, allowed_modules=allowed_modules, report_every=report_every,
-                   checkpoint_dir=checkpoint_dir).run()
+def in_process_runner(spec, **kwargs) -> TrainResult:
+    """The runner contract of ``workers.run.run_training``, trained in this process."""
+    return run_training(spec, use_ray=False, **kwargs)
 
 
 def make_settings(root: Path, **overrides: Any) -> Settings:

@@ -231,7 +231,7 @@ def read_events(lines: Iterator[str]) -> list[tuple[str, Any]]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     ray = pytest.importorskip("ray")
-    from workers.distributed import ensure_ray
+    from workers.raygroup import ensure_ray
 
     # Trial actors import the test-only model factories from tests/ (user_models.py).
     os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])

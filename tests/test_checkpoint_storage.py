@@ -21,8 +21,8 @@ from workers.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from workers.run import Trainer
 from workers.spec import JobSpec
-from workers.training import Trainer
 
 BUCKET = "maml-checkpoints"
 
@@ -151,10 +151,13 @@ def test_service_jobs_checkpoint_to_the_configured_uri(s3: tuple[str, object], t
 
 
 def test_rl_training_checkpoints_and_resumes_on_s3(s3: tuple[str, object], tmp_path: Path) -> None:
-    from workers.rl import RLConfig, RLTrainer
+    from workers.run import Trainer
+    from workers.spec import JobSpec
 
-    cfg = RLConfig(hidden=[8], meta_batch_size=2, rollouts=2, horizon=5, iterations=3, eval_every=1000,
-                   eval_tasks=2, eval_steps=1, checkpoint_every=1)
+    spec = JobSpec.model_validate({"task": {"family": "nav2d", "rollouts": 2, "horizon": 5},
+                                   "model": {"name": "mlp", "hidden": [8]},
+                                   "outer": {"iterations": 3, "meta_batch_size": 2},
+                                   "eval": {"every": 1000, "tasks": 2, "steps": 1}, "checkpoint": {"every": 1}})
     uri = _uri(s3, "rl/job-1")
     calls = {"n": 0}
 
@@ -162,9 +165,9 @@ def test_rl_training_checkpoints_and_resumes_on_s3(s3: tuple[str, object], tmp_p
         calls["n"] += 1
         return calls["n"] > 2
 
-    assert RLTrainer(cfg, run_dir=tmp_path, checkpoint_dir=uri, should_stop=stop_after_two).run().cancelled
+    assert Trainer(spec, run_dir=tmp_path, checkpoint_dir=uri, should_stop=stop_after_two).run().cancelled
     assert latest_checkpoint(uri).iteration == 2
-    resumed = RLTrainer(cfg, run_dir=tmp_path, checkpoint_dir=uri)
+    resumed = Trainer(spec, run_dir=tmp_path, checkpoint_dir=uri)
     assert resumed.iteration == 2 and resumed.run().iteration == 3
 
 

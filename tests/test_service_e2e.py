@@ -28,10 +28,6 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    try:
-        import workers.distributed  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"workers.distributed cannot be imported yet: {exc}")
     port = _free_port()
     env = {**os.environ, "MAML_DATA_DIR": str(tmp_path / "data"), "MAML_ADMIN_TOKEN": ADMIN,
            "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2", "RAY_ADDRESS": ""}

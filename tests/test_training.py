@@ -8,7 +8,7 @@ import torch
 from workers.checkpoint import latest_checkpoint, list_checkpoints
 from workers.errors import TrainingError
 from workers.evaluation import mean_ci95
-from workers.run import Trainer
+from workers.run import BEFORE_EVERY, Trainer
 from workers.spec import JobSpec
 from workers.tasks.sinusoid import SinusoidFamily
 
@@ -77,15 +77,16 @@ def test_torn_checkpoint_is_skipped(tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    # Per iteration: 4 tasks x (query before + 1 inner step + query after) = 12 forward passes, so
-    # the model's outputs turn NaN during iteration 5 (0-based), after 5 good iterations.
-    spec = _spec(model={"factory": "user_models:make_countdown", "kwargs": {"calls": 60}},
+    # Per iteration: 4 tasks x (1 inner step + query after) = 8 forward passes (the pre-adaptation
+    # query pass runs on every 10th iteration and at evaluations only), so the model's outputs turn
+    # NaN during iteration 4 (0-based), after 4 good iterations.
+    spec = _spec(model={"factory": "user_models:make_countdown", "kwargs": {"calls": 32}},
                  inner={"steps": 1}, checkpoint={"every": 1, "keep": 3})
-    with pytest.raises(TrainingError, match=r"non-finite loss at iteration 5") as info:
+    with pytest.raises(TrainingError, match=r"non-finite loss at iteration 4") as info:
         Trainer(spec, run_dir=tmp_path, allowed_modules=["user_models"]).run()
-    assert info.value.iteration == 5
+    assert info.value.iteration == 4
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
-    assert ckpt.iteration == 5
+    assert ckpt.iteration == 4
     assert all(torch.isfinite(v).all() for v in ckpt.model.values())
 
 
@@ -94,10 +95,14 @@ def test_reports_namespaced_metrics_and_evaluation(tmp_path: Path) -> None:
     Trainer(_spec(), run_dir=tmp_path, reporter=lambda i, m: seen.append((i, m))).run()
     assert [i for i, _ in seen] == list(range(1, 13))
     first = seen[0][1]
-    for key in ("meta/loss", "meta/loss_before", "inner/loss_before", "perf/tasks_per_s", "meta/lr"):
+    for key in ("meta/loss", "inner/loss_before", "perf/tasks_per_s", "meta/lr"):
         assert key in first
     evals = [i for i, m in seen if "eval/loss" in m]
     assert evals == [6, 12]
+    # The pre-adaptation query metrics cost a forward pass of every query set: every BEFORE_EVERY-th
+    # iteration and at evaluations only.
+    assert BEFORE_EVERY == 10
+    assert [i for i, m in seen if "meta/loss_before" in m] == [6, 10, 12]
 
 
 def test_sinusoid_meta_training_learns_to_adapt(tmp_path: Path) -> None:

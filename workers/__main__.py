@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     data_root = args.data_root.expanduser().resolve() if args.data_root else None
     cache_dir = args.cache_dir.expanduser().resolve()
     if args.local:
-        from workers.training import Trainer
+        from workers.run import Trainer
 
         result = Trainer(spec, run_dir=args.run_dir, data_root=data_root, cache_dir=cache_dir,
                          checkpoint_dir=args.checkpoint_dir).run()
     else:
-        from workers.distributed import run_training
-        from workers.training import log_reporter
+        from workers.raygroup import ensure_ray
+        from workers.run import log_reporter, run_training
 
+        ensure_ray(os.environ.get("RAY_ADDRESS") or None)  # the cluster to join, as Ray's own tools read it
         result = run_training(spec, run_dir=args.run_dir, reporter=log_reporter(spec), should_stop=lambda: False,
                               data_root=data_root, cache_dir=cache_dir, checkpoint_dir=args.checkpoint_dir)
     print(json.dumps({"iteration": result.iteration, "eval": result.eval_metrics,

@@ -372,7 +372,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from workers.distributed import ensure_ray
+    from workers.raygroup import ensure_ray
 
     ensure_ray()
     start = time.perf_counter()

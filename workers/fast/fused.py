@@ -4,9 +4,9 @@ The query pass of MAML is differentiated once only: the gradient at the adapted 
 the second-order path then pushes back through the inner steps with ordinary autograd. So its
 backward need not be differentiable, and can be written by hand for fewer passes over the large
 first-layer activations (75 x 64 x 28 x 28 for Omniglot 5-way, 15 queries) than the stock kernels
-make. Measured on this project's 2-core CPU, one thread, at the first layer's size: max_pool2d with
-indices 18 ms against 3 ms for three maxima of strided NHWC views with their masks, var_mean 20 ms
-against 1 ms for a sum, the 1-input-channel convolution 4 ms against under 1 ms as a matrix product.
+make: max-pooling as three maxima of strided NHWC views with 0/1 masks (no index tensor), the
+BatchNorm statistics as plain sums, and a first convolution with few input taps as a matrix
+product with precomputed patches (``Patches``). benchmarks/speed.py measures the result.
 
 Same function, reordered so that the large passes shrink (exact up to ties, see below):
 
@@ -84,9 +84,8 @@ def _windows(t: torch.Tensor, h2: int, w2: int) -> list[torch.Tensor]:
 def _pool(z: list[torch.Tensor], masks: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Max of the four window elements ``z`` (a, b, c, d; strided views or contiguous tensors).
 
-    With channels innermost each strided view reads runs of C contiguous values (the NCHW
-    max_pool2d reads every other element and was 3-5x slower here). The backward's choices come
-    back as 0/1 float masks.
+    With channels innermost each strided view reads runs of C contiguous values, where an NCHW
+    max_pool2d reads every other element. The backward's choices come back as 0/1 float masks.
     """
     a, b, c, d = z
     top, bottom = torch.maximum(a, b), torch.maximum(c, d)
@@ -116,10 +115,11 @@ class Patches:
     """A first layer's input as centred patches, in 2x2-window order: the convolution becomes one
     matrix product whose output comes out as the four window elements, contiguous.
 
-    For few input taps (a 1-channel 3x3 convolution has 9) mkldnn's kernel is memory-bound in a
-    poor layout; ``patches @ W^T`` is 4x faster here. Centring the patches removes the per-channel
-    mean of the output (the bias and the mean cancel in BatchNorm), and var_c = w_c^T Cov w_c
-    needs no pass over the output. The same patches serve the "before" pass and the adapted pass.
+    For few input taps (a 1-channel 3x3 convolution has 9) a direct convolution kernel is
+    memory-bound in a poor layout; ``patches @ W^T`` is one matrix product. Centring the patches
+    removes the per-channel mean of the output (the bias and the mean cancel in BatchNorm), and
+    var_c = w_c^T Cov w_c needs no pass over the output. The same patches serve the "before" pass
+    and the adapted pass.
     """
 
     cols: torch.Tensor  # (4, n*h2*w2, taps): centred patches at window offsets a, b, c, d
@@ -215,8 +215,8 @@ def _block_backward(blk: Block, sv: _Saved, gy: torch.Tensor, grads: Params) -> 
         w2 = sv.wf.reshape(c, -1)
         ca, cb, cc, cd = pt.cols
         # sum over window elements k of (gpre at k)^T cols_k, as one batched product (a single
-        # (C, P) @ (P, taps) product does not use the second core): g_top pairs with a, g_b with
-        # b - a, g_bottom with c, g_d with d - c.
+        # (C, P) @ (P, taps) product, reduced over its long dimension, runs on one thread): g_top
+        # pairs with a, g_b with b - a, g_bottom with c, g_d with d - c.
         right_top, right_bottom, lower = sv.masks
         g = torch.empty((4, *gpre.shape), dtype=gpre.dtype, device=gpre.device)
         torch.mul(gpre, lower, out=g[2])
