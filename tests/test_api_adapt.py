@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_app, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
+from helpers import make_app, make_settings, submit, wait_for_job
 from PIL import Image
 
 from service import jobs, registry
@@ -164,7 +164,9 @@ def test_image_model_takes_base64_images_and_checks_labels(trained) -> None:
 
 
 def test_image_preprocessing_matches_training(trained) -> None:
-    """The service feeds an uploaded PNG to the model exactly as training feeds that drawing."""
+    """The service feeds an uploaded PNG to the model exactly as training feeds that drawing: the
+    wiring (through ``preprocess_image``) and the values against an independent reference (PIL's
+    Lanczos resize of the grey drawing, inverted so that ink is 1.0)."""
     client, _, _ = trained
     from service.adaptation import inputs_tensor
 
@@ -172,6 +174,9 @@ def test_image_preprocessing_matches_training(trained) -> None:
     picture = np.random.default_rng(1).integers(0, 255, size=(105, 105)).astype(np.uint8)
     tensor = inputs_tensor([png(picture)], "x", model, max_pixels=10**6)
     assert torch.equal(tensor[0], preprocess_image(Image.fromarray(picture), 28))
+    resized = np.asarray(Image.fromarray(picture, mode="L").resize((28, 28), Image.Resampling.LANCZOS), np.float64)
+    assert tensor.shape == (1, 1, 28, 28)
+    assert np.allclose(tensor[0, 0].double().numpy(), (255.0 - resized) / 255.0, atol=1e-6)
 
 
 def test_saturated_adaptation_answers_429_with_retry_after(tmp_path) -> None:
@@ -233,7 +238,10 @@ def test_image_folder_job_trains_and_adapts_on_uploaded_images(tmp_path) -> None
         loaded = client.app.state.services.adapter.model(model["id"], None)
         served = inputs_tensor(uploads[:1], "x", loaded, max_pixels=10**6)[0]
         with Image.open(files[0]) as img:
-            assert torch.equal(served, folder_preprocess(img, 16, 3))
+            assert torch.equal(served, folder_preprocess(img, 16, 3))  # the wiring: training's preprocessing
+            # the values, independently: PIL's resize of the RGB image, channels first, in [0, 1]
+            reference = np.asarray(img.convert("RGB").resize((16, 16), Image.Resampling.LANCZOS), np.float64)
+        assert np.allclose(served.double().numpy(), reference.transpose(2, 0, 1) / 255.0, atol=1e-6)
         truncated = base64.b64encode(files[0].read_bytes()[:200]).decode()
         assert loc_of(adapt(client, model["id"], headers, support={"x": [truncated, uploads[1]], "y": [0, 1]},
                             query={"x": []})) == ["body", "support", "x", 0]

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from conftest import ADMIN_TOKEN, in_process_runner, make_app, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
+from helpers import ADMIN_TOKEN, in_process_runner, make_app, make_settings, submit, wait_for_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode

@@ -8,8 +8,8 @@ import math
 import time
 
 import numpy as np
-from conftest import SMALL_SINE, make_app, make_image_folder, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
+from helpers import SMALL_SINE, make_app, make_image_folder, make_settings, submit, wait_for_job
 from safetensors.torch import load as load_safetensors
 
 API = "/api/v1"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 import time
 
-from conftest import in_process_runner, make_app, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
+from helpers import in_process_runner, make_app, make_settings, submit, wait_for_job
 from sqlalchemy import update
 
 from service.db import Job, make_engine, make_session_factory

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_TOKEN, TERMINAL, make_app, make_image_folder, make_settings
 from fastapi.testclient import TestClient
+from helpers import ADMIN_TOKEN, TERMINAL, make_app, make_image_folder, make_settings
 from sqlalchemy import create_engine, event, inspect
 
 from api.main import create_app
@@ -226,18 +225,6 @@ def read_events(lines: Iterator[str]) -> list[tuple[str, Any]]:
         elif line.startswith("data:") and name:
             events.append((name, json.loads(line.split(":", 1)[1])))
     return events
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray = pytest.importorskip("ray")
-    from workers.raygroup import ensure_ray
-
-    # Trial actors import the test-only model factories from tests/ (user_models.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def ray_settings(root: Path) -> Settings:

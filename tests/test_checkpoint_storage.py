@@ -7,8 +7,8 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import make_app, make_settings, submit, wait_for_job
 from fastapi.testclient import TestClient
+from helpers import make_app, make_settings, submit, wait_for_job
 from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 import yaml
-from conftest import ADMIN_TOKEN, make_app, make_settings
+from helpers import ADMIN_TOKEN, make_app, make_settings
 from typer.testing import CliRunner
 
 from cli.app import app

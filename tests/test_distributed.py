@@ -22,17 +22,6 @@ pytestmark = pytest.mark.ray
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from workers.raygroup import ensure_ray
-
-    # Workers import test-only model factories from tests/ (user_models.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def _spec(**overrides) -> JobSpec:
     base = {"name": "t", "outer": {"iterations": 10, "meta_batch_size": 10},
             "eval": {"every": 1000, "tasks": 5, "steps": 1}, "checkpoint": {"every": 5}}
@@ -49,7 +38,7 @@ def _run(spec: JobSpec, run_dir: Path, **kw):
     return run_training(spec, run_dir=run_dir, allowed_modules=["user_models"], **kw)
 
 
-def test_one_and_two_workers_give_the_same_parameters(cluster, tmp_path: Path) -> None:
+def test_one_and_two_workers_give_the_same_parameters(ray_cluster, tmp_path: Path) -> None:
     results = {}
     for workers in (1, 2):
         spec = _spec(resources={"workers": workers})
@@ -62,7 +51,7 @@ def test_one_and_two_workers_give_the_same_parameters(cluster, tmp_path: Path) -
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
 
 
-def test_killed_worker_restarts_group_and_resumes_from_checkpoint(cluster, tmp_path: Path) -> None:
+def test_killed_worker_restarts_group_and_resumes_from_checkpoint(ray_cluster, tmp_path: Path) -> None:
     spec = _spec(outer={"iterations": 400, "meta_batch_size": 10}, checkpoint={"every": 20},
                  resources={"workers": 2})
     groups: list[list[int]] = []
@@ -86,7 +75,7 @@ def test_killed_worker_restarts_group_and_resumes_from_checkpoint(cluster, tmp_p
     assert all(torch.isfinite(v).all() for v in ckpt.model.values())
 
 
-def test_cancel_stops_within_ten_seconds_and_keeps_a_usable_checkpoint(cluster, tmp_path: Path) -> None:
+def test_cancel_stops_within_ten_seconds_and_keeps_a_usable_checkpoint(ray_cluster, tmp_path: Path) -> None:
     spec = _spec(outer={"iterations": 100_000, "meta_batch_size": 10}, checkpoint={"every": 50})
     stop = threading.Event()
     out: dict = {}
@@ -109,7 +98,7 @@ def test_cancel_stops_within_ten_seconds_and_keeps_a_usable_checkpoint(cluster, 
 
 @pytest.mark.parametrize(("mode", "message"), [("nan", "non-finite loss at iteration 0"),
                                                 ("raise", "RuntimeError: corrupt shard")])
-def test_worker_failure_surfaces_with_its_cause(cluster, tmp_path: Path, mode: str, message: str) -> None:
+def test_worker_failure_surfaces_with_its_cause(ray_cluster, tmp_path: Path, mode: str, message: str) -> None:
     spec = _spec(model={"name": None, "factory": "user_models:make_broken", "kwargs": {"mode": mode}},
                  resources={"workers": 2})
     started = time.monotonic()
@@ -119,7 +108,7 @@ def test_worker_failure_surfaces_with_its_cause(cluster, tmp_path: Path, mode: s
     assert time.monotonic() - started < 60
 
 
-def test_relaunching_a_killed_launcher_resumes_from_the_last_checkpoint(cluster, tmp_path: Path) -> None:
+def test_relaunching_a_killed_launcher_resumes_from_the_last_checkpoint(ray_cluster, tmp_path: Path) -> None:
     spec = _spec(outer={"iterations": 600, "meta_batch_size": 10}, checkpoint={"every": 20})
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.model_dump_json())
@@ -146,7 +135,7 @@ def test_relaunching_a_killed_launcher_resumes_from_the_last_checkpoint(cluster,
     assert f"at iteration {killed_at}" in second.stderr
 
 
-def test_a_group_the_cluster_cannot_place_fails_naming_the_resources(cluster, tmp_path: Path) -> None:
+def test_a_group_the_cluster_cannot_place_fails_naming_the_resources(ray_cluster, tmp_path: Path) -> None:
     from workers.errors import WorkerError
 
     spec = _spec(resources={"workers": 1, "gpus_per_worker": 1})  # this cluster has no GPU

@@ -38,7 +38,7 @@ def test_bad_rl_specs_name_the_field(body: dict, field: str) -> None:
 
 
 @pytest.mark.ray
-def test_rl_job_runs_through_run_training_on_ray(tmp_path: Path) -> None:
+def test_rl_job_runs_through_run_training_on_ray(ray_cluster, tmp_path: Path) -> None:
     from workers.run import run_training
 
     spec = JobSpec.model_validate({
@@ -53,7 +53,7 @@ def test_rl_job_runs_through_run_training_on_ray(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_an_rl_group_the_cluster_cannot_place_fails_naming_the_resources(tmp_path: Path) -> None:
+def test_an_rl_group_the_cluster_cannot_place_fails_naming_the_resources(ray_cluster, tmp_path: Path) -> None:
     """The rollout workers start through the same worker group as supervised shards: GPUs the cluster
     lacks end the job after the start-up timeout, and a cancel ends the wait."""
     import time

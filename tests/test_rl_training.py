@@ -117,21 +117,12 @@ def test_variants_train(tmp_path: Path, overrides: dict | str) -> None:
 
 
 @pytest.mark.ray
-def test_ray_rollout_workers_match_the_in_process_sampler(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
-    import ray
-
-    from workers.raygroup import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    try:
-        params = {}
-        for workers, use_ray in [(1, False), (2, True)]:
-            spec = rl_spec(iterations=2, resources={"workers": workers})
-            result = run_training(spec, run_dir=tmp_path / str(workers), reporter=lambda it, m: None,
-                                  should_stop=lambda: False, use_ray=use_ray)
-            params[workers] = load_file(str(result.model_dir / "model.safetensors"))
-        for k, v in params[1].items():
-            assert torch.allclose(v, params[2][k], atol=1e-5), k
-    finally:
-        ray.shutdown()
+def test_ray_rollout_workers_match_the_in_process_sampler(ray_cluster, tmp_path: Path) -> None:
+    params = {}
+    for workers, use_ray in [(1, False), (2, True)]:
+        spec = rl_spec(iterations=2, resources={"workers": workers})
+        result = run_training(spec, run_dir=tmp_path / str(workers), reporter=lambda it, m: None,
+                              should_stop=lambda: False, use_ray=use_ray)
+        params[workers] = load_file(str(result.model_dir / "model.safetensors"))
+    for k, v in params[1].items():
+        assert torch.allclose(v, params[2][k], atol=1e-5), k

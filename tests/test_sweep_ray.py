@@ -13,18 +13,7 @@ pytestmark = pytest.mark.ray
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from workers.raygroup import ensure_ray
-
-    # Trial actors import the test-only model factories from tests/ (user_models.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(cluster, tmp_path: Path) -> None:
+def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(ray_cluster, tmp_path: Path) -> None:
     from workers.sweep import run_sweep
     from workers.sweep_spec import SweepSpec
 
@@ -102,8 +91,8 @@ run_sweep(SweepSpec.model_validate_json(sys.argv[2]), storage_dir=root / "sweep"
 
 
 @pytest.mark.e2e
-def test_sweep_killed_with_its_service_resumes_from_tune_state(cluster, tmp_path: Path) -> None:
-    """A service crash: the process running the sweep (and its Ray cluster) is SIGKILLed after one
+def test_sweep_killed_with_its_service_resumes_from_tune_state(ray_cluster, tmp_path: Path) -> None:
+    """A service crash: the process running the sweep (and its Ray ray_cluster) is SIGKILLed after one
     trial finished and another checkpointed; ``resume=True`` keeps the finished trial and continues
     the other from its checkpoint."""
     import signal
@@ -120,7 +109,7 @@ def test_sweep_killed_with_its_service_resumes_from_tune_state(cluster, tmp_path
         "space": {"inner.lr": {"grid": [0.005, 0.01]}},
         "scheduler": {"type": "none"}, "num_samples": 1, "max_concurrent_trials": 1,
     })
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, as a service has
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own ray_cluster, as a service has
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), sweep.model_dump_json()], env=env,
                              cwd=TESTS.parent, start_new_session=True)

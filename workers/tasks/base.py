@@ -43,3 +43,8 @@ def shard_indices(meta_batch_size: int, shard: int, num_shards: int) -> range:
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
     return range(shard, meta_batch_size, num_shards)
+
+
+def to_tensor(pixels: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels to [0, 1] floats; the one conversion shared by training and inference."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(dtype).div_(255)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from workers.errors import DatasetError
 from workers.spec import ImageFolderTask
-from workers.tasks.base import LossName, Split, Task, task_rng
+from workers.tasks.base import LossName, Split, Task, task_rng, to_tensor
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
@@ -59,11 +59,6 @@ def preprocess_array(img: Image.Image, image_size: int, channels: int) -> np.nda
         img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels.transpose(2, 0, 1).copy() if channels == 3 else pixels[None].copy()
-
-
-def to_tensor(pixels: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 pixels to [0, 1] floats; the one conversion shared by training and inference."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).to(dtype).div_(255)
 
 
 def preprocess_image(img: Image.Image, image_size: int, channels: int = 3,

@@ -47,7 +47,7 @@ from PIL import Image
 
 from workers.errors import DatasetError
 from workers.spec import OmniglotTask
-from workers.tasks.base import LossName, Split, Task, task_rng
+from workers.tasks.base import LossName, Split, Task, task_rng, to_tensor
 
 try:
     import fcntl
@@ -86,11 +86,6 @@ def preprocess_array(img: Image.Image, image_size: int) -> np.ndarray:
     if grey.size != (image_size, image_size):
         grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return 255 - np.asarray(grey, dtype=np.uint8)
-
-
-def to_tensor(pixels: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 pixels to [0, 1] floats; the one conversion shared by training and inference."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).to(dtype).div_(255)
 
 
 def preprocess_image(img: Image.Image, image_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
