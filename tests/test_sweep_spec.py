@@ -64,6 +64,11 @@ def test_metric_mode_and_scheduler_are_checked() -> None:
     sweep = SweepSpec.model_validate({"base": image, "space": space})
     assert (sweep.metric, sweep.mode) == ("eval/accuracy", "max")
     assert "eval/accuracy" in sweep_metrics(sweep.base) and "eval/accuracy" not in sweep_metrics(JobSpec())
+    # Meta-RL reports returns at evaluations: the default is the return after the evaluation's steps.
+    nav = {"task": {"family": "nav2d"}, "eval": {"steps": 2}}
+    sweep = SweepSpec.model_validate({"base": nav, "space": space})
+    assert (sweep.metric, sweep.mode) == ("eval/return_step_2", "max")
+    assert "eval/loss" not in sweep_metrics(sweep.base) and "eval/return_step_0" in sweep_metrics(sweep.base)
 
 
 def test_valid_sweep_round_trips_and_counts_trials() -> None:

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +71,7 @@ class SweepResult(BaseModel):
 
     def counts(self) -> dict[str, int]:
         """Trials by status, in the order the statuses first appear."""
-        from collections import Counter  # local: this method is all of it that uses Counter
-
         return dict(Counter(t.status for t in self.trials))
-
-
 
 
 # -- the driver ------------------------------------------------------------------------------------

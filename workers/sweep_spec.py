@@ -152,9 +152,9 @@ class SweepSpec(_Spec):
     @model_validator(mode="after")
     def _resolve(self) -> SweepSpec:
         if self.metric is None:
-            self.metric = "eval/accuracy" if self.base.is_classification else "eval/loss"
+            self.metric = sweep_metrics(self.base)[0]
         if self.mode is None:
-            self.mode = "max" if "accuracy" in self.metric else "min"
+            self.mode = "max" if "accuracy" in self.metric or "return" in self.metric else "min"
         if self.scheduler.type != "none" and "outer.iterations" not in self.space:
             total = self.base.outer.iterations
             if self.scheduler.grace_period >= total:
@@ -167,8 +167,16 @@ class SweepSpec(_Spec):
 
 
 def sweep_metrics(spec: JobSpec) -> tuple[str, ...]:
-    """The metrics in every trial report of ``spec``: those a sweep may optimise."""
-    return _REGRESSION_METRICS + (_CLASSIFICATION_METRICS if spec.is_classification else ())
+    """The metrics in every trial report of ``spec`` (reports come at evaluations): those a sweep may
+    optimise, the default first (accuracy; loss for regression; meta-RL: the return after the
+    evaluation's adaptation steps)."""
+    if spec.is_rl:
+        steps = spec.eval.steps
+        return (f"eval/return_step_{steps}", *(f"eval/return_step_{k}" for k in range(steps)),
+                "rl/return_before", "rl/return_after")
+    if spec.is_classification:
+        return _CLASSIFICATION_METRICS + _REGRESSION_METRICS
+    return _REGRESSION_METRICS
 
 
 def trial_count(sweep: SweepSpec) -> int:
