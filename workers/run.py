@@ -73,7 +73,7 @@ class Trainer:
                  reporter: Reporter | None = None, should_stop: Callable[[], bool] | None = None,
                  allowed_modules: Iterable[str] | None = None, report_every: int = 1,
                  device: torch.device | None = None, checkpoint_dir: Location | None = None, use_ray: bool = False,
-                 start_timeout_s: float = 600.0, group: Any = None) -> None:
+                 start_timeout_s: float = 600.0) -> None:
         self.spec = spec
         self.run_dir = Path(run_dir)
         self.checkpoint_dir: Location = checkpoint_dir or self.run_dir / "checkpoints"
@@ -89,14 +89,11 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self._resume()
-        self.owns_group = group is None
-        if group is not None:
-            self.group = group
-        elif use_ray:
+        if use_ray:
             res = spec.resources
-            self.group = WorkerGroup(self.program.worker_cls, spec, world=res.workers,
-                                 cpus=res.cpus_per_worker, gpus=res.gpus_per_worker, start_timeout_s=start_timeout_s,
-                                 should_stop=self.should_stop, **self.program.worker_context)
+            self.group: LocalGroup | WorkerGroup = WorkerGroup(
+                self.program.worker_cls, spec, world=res.workers, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
+                start_timeout_s=start_timeout_s, should_stop=self.should_stop, **self.program.worker_context)
         else:
             self.group = LocalGroup(self.program.local_worker())
 
@@ -170,8 +167,7 @@ class Trainer:
                 if it % self.spec.checkpoint.every == 0 or it == total:
                     self.checkpoint()
         finally:
-            if self.owns_group:
-                self.group.close()
+            self.group.close()
         if not self.eval_metrics:
             self.eval_metrics = self.evaluate()
         model_dir = self.export(self.run_dir / "model")
