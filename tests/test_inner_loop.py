@@ -182,3 +182,23 @@ def test_before_false_on_the_per_task_paths(first_order: bool) -> None:
         kw = dict(algorithm="fomaml" if first_order else "maml", inner_steps=2, inner_lr=0.2, loss="cross_entropy")
         _assert_before_only_drops_metrics(task_meta_gradient(model, params, buffers, task, **kw),
                                           task_meta_gradient(model, params, buffers, task, before=False, **kw))
+
+
+def test_query_passes_on_task_threads_match_one_thread_and_restore_the_setting() -> None:
+    """The fused query passes of a shard run one task per thread (``workers.fast.batched.each_task``)."""
+    model = _conv4()
+    params, buffers = split_state(model)
+    tasks = _image_tasks(3)
+    kw = dict(inner_steps=1, inner_lr=0.4, loss="cross_entropy", query="fused")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        spread = maml_shard(model, params, buffers, tasks, **kw)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        single = maml_shard(model, params, buffers, tasks, **kw)
+    finally:
+        torch.set_num_threads(previous)
+    assert spread is not None and single is not None
+    for n in single.grads:
+        torch.testing.assert_close(spread.grads[n], single.grads[n], rtol=0, atol=1e-12)

@@ -11,7 +11,8 @@ The maths is that of ``workers.maml.maml_task``, task by task; only the schedule
     kernel launch per layer for the whole shard: the path for GPUs, where per-task loops are
     launch-bound.
   - ``"fused"``: per task, the hand-written forward and backward of ``workers.fast.fused``
-    (conv/BatchNorm/ReLU/max-pool blocks and a linear head only). The gradient at each task's
+    (conv/BatchNorm/ReLU/max-pool blocks and a linear head only), whole tasks spread over the
+    intra-op threads (``each_task``). The gradient at each task's
     adapted parameters is then pushed back through the inner loop by autograd:
     ``autograd.grad(adapted, theta, grad_outputs=query_grads)`` = sum_b (I - alpha H_b) g_b for one
     step. Fastest on CPU, where large query activations make memory passes the cost.
@@ -24,8 +25,9 @@ for any ``nn.Module``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from workers.inner import InnerOptimizer, Params, check_finite
 from workers.tasks.base import LossName, Task
 
 QueryPath = Literal["auto", "fused", "folded"]
+T = TypeVar("T")
 METRIC_ORDER = ("inner/loss_before", "meta/loss_before", "meta/loss", "meta/accuracy_before", "meta/accuracy")
 
 
@@ -71,6 +74,25 @@ def fused_net(model: nn.Module, device: torch.device) -> fused.FusedNet | None:
         return None
     plan = plan_of(model)
     return None if plan is None else fused.FusedNet.of(plan)
+
+
+def each_task(fn: Callable[[int], T], count: int) -> list[T]:
+    """``[fn(b) for b in range(count)]``, the tasks spread over the intra-op threads.
+
+    The per-task query passes are many small and medium operations, which split poorly across
+    threads (their per-task weights differ, so they cannot be merged into larger ones). Whole tasks
+    on ``torch.get_num_threads()`` threads, each running its operations on one thread, keep every
+    core busy instead (and each task's result does not depend on which thread computed it).
+    """
+    threads = torch.get_num_threads()
+    if min(threads, count) <= 1:
+        return [fn(b) for b in range(count)]
+    try:
+        with ThreadPoolExecutor(min(threads, count), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, range(count)))
+    finally:
+        # The setting is per thread for OpenMP, but process-wide for some BLAS builds: restore it.
+        torch.set_num_threads(threads)
 
 
 def maml_shard(
@@ -113,13 +135,18 @@ def maml_shard(
 
     theta = {n: params[n].detach().requires_grad_() for n in plan.param_names}
     qnet = net if query == "fused" else None  # the hand-written query kernels, if they run
-    if qnet is not None:  # each task's query inputs as the first block takes them, for both query passes
-        xq = [fused.prepare(qnet, theta, batch.x_query[b]) for b in range(B)]
+    # each task's query inputs as the first block takes them: prepared once when both query passes run
+    xq: list[fused.Prepared] | None = None
     sums: dict[str, torch.Tensor] = {}
     if before:
         with torch.no_grad():  # the "before" metrics, at the meta-parameters
             if qnet is not None:
-                runs_before = [fused.run(qnet, theta, xq[b], batch.y_query[b], loss, grad=False) for b in range(B)]
+                def run_before(b: int) -> tuple[fused.Prepared, tuple]:
+                    x = fused.prepare(qnet, theta, batch.x_query[b])
+                    return x, fused.run(qnet, theta, x, batch.y_query[b], loss, grad=False)
+
+                pairs = each_task(run_before, B)
+                xq, runs_before = [x for x, _ in pairs], [r for _, r in pairs]
                 sums["meta/loss_before"] = torch.stack([v for v, _, _ in runs_before])
                 if classification:
                     sums["meta/accuracy_before"] = torch.stack([a for _, a, _ in runs_before if a is not None])
@@ -147,8 +174,14 @@ def maml_shard(
     sums["inner/loss_before"] = state.loss_before
 
     if qnet is not None:
-        runs = [fused.run(qnet, {n: p[b].detach() for n, p in adapted.items()}, xq[b], batch.y_query[b], loss,
-                          grad=True) for b in range(B)]
+        ends = {n: v.detach() for n, v in adapted.items()}  # (B, *shape), outside the inner loop's graph
+
+        def run_after(b: int) -> tuple:
+            p = {n: v[b] for n, v in ends.items()}
+            x = xq[b] if xq is not None else fused.prepare(qnet, p, batch.x_query[b])
+            return fused.run(qnet, p, x, batch.y_query[b], loss, grad=True)
+
+        runs = each_task(run_after, B)
         del xq
         q_loss = torch.stack([v for v, _, _ in runs])
         check_finite(q_loss, "query loss", "after adaptation")

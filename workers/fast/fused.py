@@ -214,17 +214,18 @@ def _block_backward(blk: Block, sv: _Saved, gy: torch.Tensor, grads: Params) -> 
         k2 = -sv.rstd.square() * gabs * sv.rstd * t / m  # -rstd^2 * S2 / M, S2 = sum(g |gamma| * xhat)
         w2 = sv.wf.reshape(c, -1)
         ca, cb, cc, cd = pt.cols
-        # sum over window elements k of (gpre at k)^T cols_k, as one batched product (a single
-        # (C, P) @ (P, taps) product, reduced over its long dimension, runs on one thread): g_top
-        # pairs with a, g_b with b - a, g_bottom with c, g_d with d - c.
+        # sum over window elements k of (gpre at k)^T cols_k, as one product over the four of them,
+        # written (taps, 4P) @ (4P, C) so that the BLAS kernel's output has C columns, not taps
+        # (the (C, 4P) @ (4P, taps) form makes a poor kernel choice): g_top pairs with a, g_b
+        # with b - a, g_bottom with c, g_d with d - c.
         right_top, right_bottom, lower = sv.masks
         g = torch.empty((4, *gpre.shape), dtype=gpre.dtype, device=gpre.device)
         torch.mul(gpre, lower, out=g[2])
         torch.sub(gpre, g[2], out=g[0])
         torch.mul(g[0], right_top, out=g[1])
         torch.mul(g[2], right_bottom, out=g[3])
-        cols = torch.stack([ca, cb - ca, cc, cd - cc])
-        gwf = torch.bmm(g.view(4, -1, c).transpose(1, 2), cols).sum(0) * sv.a.view(c, 1)
+        cols = torch.stack([ca, cb - ca, cc, cd - cc])  # (4, P, taps)
+        gwf = (cols.view(-1, cols.shape[2]).t() @ g.view(-1, c)).t() * sv.a.view(c, 1)  # (C, taps)
         gwf += k2.view(c, 1) * (w2 @ pt.cov) * m
         if conv.bias:  # sum(dz) = sum(gpre * a) + M k1: zero up to rounding (BatchNorm cancels the bias)
             grads[conv.bias] = (sv.a * dbeta - sv.rstd * gabs * dbeta) * sv.s
