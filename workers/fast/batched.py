@@ -32,8 +32,9 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
+import workers.fast.folded as folded
+import workers.fast.fused as fused
 from workers.aggregator import GradientSum
-from workers.fast import folded, fused
 from workers.fast.plan import Plan, plan_of
 from workers.inner import InnerOptimizer, Params, check_finite
 from workers.tasks.base import LossName, Task
