@@ -100,3 +100,13 @@ def test_apply_config_sets_nested_paths_and_revalidates() -> None:
     assert info.value.errors()[0]["loc"] == ("inner", "steps")
     with pytest.raises(ValidationError):
         apply_config(base, {"inner.optimizer": "adam"})  # adam is reptile-only: the cross-field rule holds
+
+
+def test_specs_import_without_torch_or_ray() -> None:
+    """The control plane validates jobs and sweeps without loading the machinery."""
+    import subprocess
+    import sys
+
+    code = "import sys, workers.spec, workers.sweep_spec; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out
