@@ -22,6 +22,7 @@ from service.errors import InvalidInput
 from service.schemas import finite_metrics
 from workers.errors import ModelError, SpecError
 from workers.models import build_model
+from workers.rl.program import build_family
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
 from workers.supervised import build
 
@@ -54,7 +55,8 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     imported), a factory that refuses its kwargs, a dataset path outside the data roots, a dataset
     that cannot give the tasks asked for (more ways than classes, fewer images than shots plus
     queries), a model that does not fit the task's inputs. The task family and the model are built
-    once here, so such a job is refused at submission instead of failing later.
+    once here (for meta-RL, the environment family), so such a job is refused at submission instead
+    of failing later.
     """
     spec = spec.model_copy(deep=True)
     if spec.model.factory is not None:
@@ -71,12 +73,14 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
             task.path = str(resolve_data_path(task.path, settings.allowed_data_roots))
         elif settings.data_root is None:
             raise InvalidInput("task.path", "required: the server has no default data root (MAML_DATA_ROOT)")
-    if not spec.is_rl:
-        try:
+    try:
+        if spec.is_rl:
+            build_family(spec)  # the environments can be made here (half-cheetah needs MuJoCo)
+        else:
             build(spec, data_root=settings.data_root, cache_dir=settings.cache_path,
                   allowed_modules=settings.model_allowlist)
-        except SpecError as exc:  # DatasetError, ModelError: the field is theirs
-            raise InvalidInput(exc.field, exc.detail) from exc
+    except SpecError as exc:  # DatasetError, ModelError, an environment: the field is theirs
+        raise InvalidInput(exc.field, exc.detail) from exc
     return spec
 
 
