@@ -27,13 +27,13 @@ from PIL import Image
 
 from workers.errors import DatasetError
 from workers.spec import ImageFolderTask
-from workers.tasks.base import LossName, Split, Task, task_rng, to_tensor
+from workers.tasks.base import Split, to_tensor
+from workers.tasks.episodes import EpisodeFamily, shuffled_parts, square_pixels
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
 CSV_SPLITS = ("train", "val", "test")
 FOLDER_FRACTIONS = (0.64, 0.16)  # train, val; test gets the rest
-SPLIT_SEED = 0
 
 
 class ImageClass(NamedTuple):
@@ -50,14 +50,7 @@ def preprocess_array(img: Image.Image, image_size: int, channels: int) -> np.nda
         # Decode a large JPEG at a reduced scale (still at least S x S): several times faster. Only
         # takes effect on a freshly opened image, which is how both training and the service call us.
         img.draft("RGB" if channels == 3 else "L", (image_size, image_size))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")  # a transparent background becomes white, not black
-        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img.alpha_composite(rgba)
-    img = img.convert("RGB" if channels == 3 else "L")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    pixels = np.asarray(img, dtype=np.uint8)
+    pixels = square_pixels(img, image_size, "RGB" if channels == 3 else "L")  # (S, S, 3) or (S, S)
     return pixels.transpose(2, 0, 1).copy() if channels == 3 else pixels[None].copy()
 
 
@@ -120,9 +113,9 @@ def read_class_folders(root: Path) -> dict[str, list[ImageClass]]:
     n_val = max(1, round(n * FOLDER_FRACTIONS[1]))
     n_test = max(1, n - round(n * FOLDER_FRACTIONS[0]) - n_val)
     n_train = max(0, n - n_val - n_test)
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return {name: [classes[i] for i in sorted(part)] for name, part in parts.items()}
+    train, val, test = shuffled_parts(n, [n_train, n_val])
+    return {"train": [classes[i] for i in train], "val": [classes[i] for i in val],
+            "test": [classes[i] for i in test]}
 
 
 def read_splits(path: str) -> dict[str, list[ImageClass]]:
@@ -139,20 +132,15 @@ def read_splits(path: str) -> dict[str, list[ImageClass]]:
 # ----------------------------------------------------------------------------------------------- family
 
 
-class ImageFolderFamily:
-    """N-way K-shot tasks from image files; label k is the k-th of the task's randomly drawn classes."""
+class ImageFolderFamily(EpisodeFamily):
+    """N-way K-shot tasks from image files; a class is an :class:`ImageClass` of ``splits``."""
 
-    loss: LossName = "cross_entropy"
-    input_shape: tuple[int, ...]
-    output_dim: int
+    spec: ImageFolderTask
 
     def __init__(self, spec: ImageFolderTask, *, dtype: torch.dtype = torch.float32,
                  cache_images: int = 2048) -> None:
-        self.spec = spec
-        self.dtype = dtype
+        super().__init__(spec, (spec.channels, spec.image_size, spec.image_size), dtype)
         self.cache_images = cache_images
-        self.input_shape = (spec.channels, spec.image_size, spec.image_size)
-        self.output_dim = spec.ways
         self.splits = read_splits(spec.path)
         need = spec.shots + spec.queries
         for name, classes in self.splits.items():
@@ -186,24 +174,9 @@ class ImageFolderFamily:
         except (OSError, ValueError) as exc:
             raise DatasetError("task.path", f"cannot read image {file}: {exc}") from exc
 
-    def sample(self, seed: int, iteration: int, index: int, split: Split = "train") -> Task:
-        if split not in self.splits:
-            raise ValueError(f"split: unknown split '{split}' (expected train, val or test)")
-        spec = self.spec
-        rng = task_rng(seed, split, iteration, index)
-        classes = self.splits[split]
-        chosen = rng.choice(len(classes), size=spec.ways, replace=False)
-        n = spec.shots + spec.queries
-        pixels = np.empty((spec.ways, n, *self.input_shape), dtype=np.uint8)
-        for k, c in enumerate(chosen):
-            files = classes[c].files
-            for j, i in enumerate(rng.choice(len(files), size=n, replace=False)):  # first `shots`: support
-                pixels[k, j] = self._pixels(files[i])
-        x = to_tensor(pixels, self.dtype)  # (ways, shots+queries, C, S, S)
-        labels = torch.arange(spec.ways)
-        return Task(
-            x[:, :spec.shots].reshape(-1, *self.input_shape),  # (ways*shots, C, S, S), class-major
-            labels.repeat_interleave(spec.shots),  # (ways*shots,) int64
-            x[:, spec.shots:].reshape(-1, *self.input_shape),  # (ways*queries, C, S, S)
-            labels.repeat_interleave(spec.queries),  # (ways*queries,)
-        )
+    def class_sizes(self, split: Split) -> list[int]:
+        return [len(image_class.files) for image_class in self.splits[split]]
+
+    def load_examples(self, split: Split, c: int, items: np.ndarray) -> np.ndarray:
+        files = self.splits[split][c].files
+        return np.stack([self._pixels(files[i]) for i in items])  # (len(items), C, S, S)

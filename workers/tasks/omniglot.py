@@ -47,7 +47,8 @@ from PIL import Image
 
 from workers.errors import DatasetError
 from workers.spec import OmniglotTask
-from workers.tasks.base import LossName, Split, Task, task_rng, to_tensor
+from workers.tasks.base import Split, to_tensor
+from workers.tasks.episodes import EpisodeFamily, shuffled_parts, square_pixels
 
 try:
     import fcntl
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 ZIPS = ("images_background.zip", "images_evaluation.zip")
 DRAWINGS = 20  # per character
 PAPER_CHARACTERS, PAPER_TRAIN = 1623, 1200
-SPLIT_SEED = 0
 _CACHE_VERSION = 1
 _HOW_TO_SET = ("set the task's `path` field to the folder that holds images_background.zip and "
                "images_evaluation.zip, or the data root setting (MAML_DATA_ROOT for the service, "
@@ -76,16 +76,11 @@ class OmniglotData(NamedTuple):
 
 
 def preprocess_array(img: Image.Image, image_size: int) -> np.ndarray:
-    """An image as Omniglot training sees it: (S, S) uint8, ink = 255 and paper = 0."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # A transparent background is paper: flatten onto white before dropping the alpha.
-        rgba = img.convert("RGBA")
-        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img.alpha_composite(rgba)
-    grey = img.convert("L")
-    if grey.size != (image_size, image_size):
-        grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(grey, dtype=np.uint8)
+    """An image as Omniglot training sees it: (S, S) uint8, ink = 255 and paper = 0.
+
+    A transparent background is paper: it turns white, then 0 once inverted.
+    """
+    return 255 - square_pixels(img, image_size, "L")
 
 
 def preprocess_image(img: Image.Image, image_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -289,9 +284,8 @@ def split_characters(data: OmniglotData, split: str) -> dict[str, np.ndarray]:
     if split == "official":
         train, test = np.arange(data.background), np.arange(data.background, n)
     else:
-        order = np.random.default_rng(SPLIT_SEED).permutation(n)
         n_train = min(max(round(n * PAPER_TRAIN / PAPER_CHARACTERS), 1), n - 1)
-        train, test = np.sort(order[:n_train]), np.sort(order[n_train:])
+        train, test = shuffled_parts(n, [n_train])
     return {"train": train, "val": test, "test": test}
 
 
@@ -301,22 +295,17 @@ def split_classes(characters: np.ndarray, rotations: int) -> np.ndarray:
     return np.stack([np.repeat(characters, rotations), turns], axis=1)
 
 
-class OmniglotFamily:
-    """N-way K-shot Omniglot tasks; label k is the k-th of the task's randomly drawn classes."""
+class OmniglotFamily(EpisodeFamily):
+    """N-way K-shot Omniglot tasks; a class is a (character, quarter turns) row of ``classes``."""
 
-    loss: LossName = "cross_entropy"
-    input_shape: tuple[int, ...]
-    output_dim: int
+    spec: OmniglotTask
 
     def __init__(self, spec: OmniglotTask, *, data_root: Path | None, cache_dir: Path | None,
                  dtype: torch.dtype = torch.float32) -> None:
         if spec.shots + spec.queries > DRAWINGS:
             raise DatasetError("task.shots", f"shots + queries = {spec.shots + spec.queries}: Omniglot has "
                                f"only {DRAWINGS} drawings per character")
-        self.spec = spec
-        self.dtype = dtype
-        self.input_shape = (1, spec.image_size, spec.image_size)
-        self.output_dim = spec.ways
+        super().__init__(spec, (1, spec.image_size, spec.image_size), dtype)
         self.folder = find_folder(spec.path, data_root)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.data = load_omniglot(self.folder, spec.image_size, cache)
@@ -334,23 +323,10 @@ class OmniglotFamily:
                                    f"'{name}' half of the {spec.split} split has only "
                                    f"{len(self.classes[name])}")
 
-    def sample(self, seed: int, iteration: int, index: int, split: Split = "train") -> Task:
-        if split not in self.classes:
-            raise ValueError(f"split: unknown split '{split}' (expected train, val or test)")
-        spec = self.spec
-        rng = task_rng(seed, split, iteration, index)
-        classes = self.classes[split]
-        chosen = classes[rng.choice(len(classes), size=spec.ways, replace=False)]  # (ways, 2)
-        n, s = spec.shots + spec.queries, spec.image_size
-        pixels = np.empty((spec.ways, n, s, s), dtype=np.uint8)
-        for k, (character, turns) in enumerate(chosen):
-            drawings = rng.choice(DRAWINGS, size=n, replace=False)  # the first `shots` are the support set
-            pixels[k] = np.rot90(self.data.images[character, drawings], k=int(turns), axes=(1, 2))
-        x = to_tensor(pixels, self.dtype).unsqueeze(2)  # (ways, shots+queries, 1, S, S)
-        labels = torch.arange(spec.ways)
-        return Task(
-            x[:, :spec.shots].reshape(-1, 1, s, s),  # (ways*shots, 1, S, S), class-major
-            labels.repeat_interleave(spec.shots),  # (ways*shots,) int64
-            x[:, spec.shots:].reshape(-1, 1, s, s),  # (ways*queries, 1, S, S)
-            labels.repeat_interleave(spec.queries),  # (ways*queries,)
-        )
+    def class_sizes(self, split: Split) -> list[int]:
+        return [DRAWINGS] * len(self.classes[split])
+
+    def load_examples(self, split: Split, c: int, items: np.ndarray) -> np.ndarray:
+        character, turns = self.classes[split][c]
+        drawings = np.rot90(self.data.images[character, items], k=int(turns), axes=(1, 2))
+        return drawings[:, None]  # (len(items), 1, S, S)
