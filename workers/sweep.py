@@ -58,7 +58,6 @@ class _Interrupt(Exception):
     """Raised inside Tune's loop (from a callback) to leave it through Tune's own clean-up."""
 
 
-
 class SweepResult(BaseModel):
     trials: list[TrialInfo] = Field(description="every trial, in creation order")
     best: TrialInfo | None = Field(description="the completed trial with the best last metric")
@@ -79,25 +78,24 @@ class SweepResult(BaseModel):
 
 @dataclass
 class _Hooks:
-    """What a sweep's Tune callback and stopper call. Kept out of them, because Tune pickles its
-    run config into the experiment folder: a restored sweep finds the live hooks here by key."""
+    """What a sweep's Tune callback and stopper call, and what they track. Kept out of them, because
+    Tune pickles its run config into the experiment folder: a restored sweep finds the live hooks
+    here by key."""
 
     sweep: SweepSpec
+    path: Path  # the experiment folder: one live sweep per folder
     on_trial_update: Callable[[list[TrialInfo]], None] | None
     should_stop: Callable[[], bool] | None
-    path: Path
-    cancelled_at: float | None = None
-    live_at_cancel: set[str] = field(default_factory=set)
-    errors: dict[str, str] = field(default_factory=dict)
-    started: dict[str, float] = field(default_factory=dict)
-    first_report: dict[str, float] = field(default_factory=dict)
-    last_report: dict[str, float] = field(default_factory=dict)
-    last_sent: list[TrialInfo] | None = None
-    statuses: tuple = ()
-    trials: list = field(default_factory=list)  # Tune's Trial objects, as last seen
-    polled_at: float = float("-inf")
-    should_interrupt: Callable[[], bool] | None = None
+    should_interrupt: Callable[[], bool] | None
+    polled_at: float = float("-inf")  # when should_stop was last asked
+    cancelled: set[str] | None = None  # once cancelled: the trials that were pending, running or paused
     interrupted: bool = False
+    started: dict[str, float] = field(default_factory=dict)  # trial id -> its (re)start
+    report_s: dict[str, tuple[float, float]] = field(default_factory=dict)  # trial id -> (start_s, run_s)
+    errors: dict[str, str] = field(default_factory=dict)  # failed trials' errors, read once
+    trials: list = field(default_factory=list)  # Tune's own list of its trials (from any event)
+    seen: tuple = ()  # (trial id, Tune status, time of its last result) of every trial, as last published
+    infos: list[TrialInfo] | None = None  # every trial, as last published (the end's is the result)
 
 
 _LIVE: dict[str, _Hooks] = {}
@@ -119,17 +117,14 @@ def _tune_classes() -> tuple[type, type]:
         def __init__(self, key: str) -> None:
             self.key = key
 
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            _on_event(self.key, "begin", trials, None)
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             _on_event(self.key, "start", trials, trial)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             _on_event(self.key, "result", trials, trial)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _on_event(self.key, "error", trials, trial)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _on_event(self.key, "complete", trials, trial)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             _on_event(self.key, "step", trials, None)
@@ -153,34 +148,44 @@ def _tune_classes() -> tuple[type, type]:
 
 
 def _on_event(key: str, event: str, trials: list, trial: Any) -> None:
-    """Tune's trial events -> ``on_trial_update(list[TrialInfo])`` when anything changed."""
+    """Tune's events -> ``on_trial_update(list[TrialInfo])`` when anything changed.
+
+    Tune calls ``on_trial_start`` and ``on_trial_result`` before it applies the new status or
+    result to the trial, so those two only time the trial; the change shows at the end of the
+    step, which is also when trials ended by a cancel, an error or a scheduler show. The step's
+    begin hands over Tune's trial list before the stopper can cancel, so a cancel sees trials
+    created in that step. (Callbacks pickled by older code also send "error" and "complete":
+    nothing to do for those.)
+    """
     hooks = _hooks(key)
     if hooks is None or hooks.interrupted:
         return  # after an interrupt, Tune's clean-up ends trials that the resumed sweep continues
-    if event == "step" and hooks.should_interrupt is not None and _ask(hooks.should_interrupt, "should_interrupt"):
+    hooks.trials = trials
+    now = time.monotonic()
+    if event == "start":
+        hooks.started[trial.trial_id] = now
+        hooks.report_s.pop(trial.trial_id, None)
+    elif event == "result" and trial.trial_id in hooks.started:
+        # Seconds from the trial's (re)start to its first and to its latest report.
+        run_s = round(now - hooks.started[trial.trial_id], 3)
+        start_s, _ = hooks.report_s.get(trial.trial_id, (run_s, run_s))
+        hooks.report_s[trial.trial_id] = (start_s, run_s)
+    elif event == "step" and hooks.should_interrupt is not None and _ask(hooks.should_interrupt, "should_interrupt"):
         # Raised at the end of Tune's step, after its experiment checkpoint: ``tune.run`` cleans up
         # the trials' actors and re-raises, without the final checkpoint that would mark them ended.
         hooks.interrupted = True
         logger.info("sweep %s: interrupted; resume=True continues it", hooks.sweep.name)
         raise _Interrupt(f"sweep {hooks.sweep.name} interrupted")
-    now = time.monotonic()
-    if event == "start":
-        hooks.started[trial.trial_id] = now
-        hooks.first_report.pop(trial.trial_id, None)
-    elif event == "result":
-        hooks.first_report.setdefault(trial.trial_id, now)
-        hooks.last_report[trial.trial_id] = now
-    elif event == "error":
-        hooks.errors[trial.trial_id] = _trial_error(trial)
-    statuses = tuple((t.trial_id, str(t.status)) for t in trials)
-    if event == "step" and statuses == hooks.statuses:
-        return  # the common case: nothing happened this step
-    # A cancel ends trials without a per-trial event: the step check above catches it.
-    hooks.statuses, hooks.trials = statuses, list(trials)
-    infos = [_trial_info(t, hooks) for t in trials]
-    if infos == hooks.last_sent or hooks.on_trial_update is None:
+    if event not in ("step", "end"):
         return
-    hooks.last_sent = infos
+    seen = tuple((t.trial_id, str(t.status), t.run_metadata.last_result_time) for t in trials)
+    if event == "step" and seen == hooks.seen:
+        return  # the common case: nothing happened this step
+    hooks.seen = seen
+    infos = [_trial_info(t, hooks) for t in trials]
+    changed, hooks.infos = infos != hooks.infos, infos
+    if not changed or hooks.on_trial_update is None:
+        return
     try:
         hooks.on_trial_update(infos)
     except Exception:  # a broken listener must not end the sweep
@@ -191,22 +196,17 @@ def _stop_all(key: str) -> bool:
     hooks = _hooks(key)
     if hooks is None or hooks.should_stop is None:
         return False
-    if hooks.cancelled_at is not None:
+    if hooks.cancelled is not None:
         return True
     now = time.monotonic()
     if now - hooks.polled_at < _POLL_S:  # Tune asks every loop step; should_stop may be a database read
         return False
     hooks.polled_at = now
-    try:
-        stop = bool(hooks.should_stop())
-    except Exception:
-        logger.exception("should_stop failed; the sweep goes on")
+    if not _ask(hooks.should_stop, "should_stop"):
         return False
-    if stop:
-        hooks.cancelled_at = time.monotonic()
-        hooks.live_at_cancel = {tid for tid, status in hooks.statuses if status in ("PENDING", "RUNNING", "PAUSED")}
-        logger.info("sweep %s: cancelled", hooks.sweep.name)
-    return stop
+    hooks.cancelled = {t.trial_id for t in hooks.trials if str(t.status) in ("PENDING", "RUNNING", "PAUSED")}
+    logger.info("sweep %s: cancelled", hooks.sweep.name)
+    return True
 
 
 def _ask(fn: Callable[[], bool], name: str) -> bool:
@@ -258,23 +258,19 @@ def _trial_info(trial: Any, hooks: _Hooks) -> TrialInfo:
     if status == "TERMINATED":
         if iteration >= total:
             state: TrialStatus = "completed"
-        elif hooks.cancelled_at is not None and trial.trial_id in hooks.live_at_cancel:
+        elif hooks.cancelled is not None and trial.trial_id in hooks.cancelled:
             state = "cancelled"
         else:
             state = "stopped_early"
     else:
         state = _TUNE_STATUS.get(status, "pending")
-    error = None
-    if state == "failed":
-        error = hooks.errors.get(trial.trial_id)
-        if error is None:
-            error = hooks.errors[trial.trial_id] = _trial_error(trial)
+    if state == "failed" and trial.trial_id not in hooks.errors:
+        hooks.errors[trial.trial_id] = _trial_error(trial)  # read once: a failed trial stays failed
     model_dir = None
     if state == "completed" and trial.checkpoint is not None:
         candidate = Path(trial.checkpoint.path) / "model"
         model_dir = str(candidate) if (candidate / "model.safetensors").is_file() else None
-    started = hooks.started.get(trial.trial_id)
-    first, last = hooks.first_report.get(trial.trial_id), hooks.last_report.get(trial.trial_id)
+    start_s, run_s = hooks.report_s.get(trial.trial_id, (None, None))
     metrics = {k: float(v) for k, v in result.items()
                if isinstance(v, int | float) and not isinstance(v, bool) and "/" in k}
     return TrialInfo(
@@ -282,9 +278,8 @@ def _trial_info(trial: Any, hooks: _Hooks) -> TrialInfo:
         reports=int(result.get("training_iteration", 0) or 0),
         metric=_finite(result.get(sweep.metric)),
         best_metric=_finite(analysis.get(sweep.mode)),
-        metrics=metrics, error=error, model_dir=model_dir,
-        start_s=round(first - started, 3) if started is not None and first is not None and first >= started else None,
-        run_s=round(last - started, 3) if started is not None and last is not None and last >= started else None,
+        metrics=metrics, error=hooks.errors.get(trial.trial_id) if state == "failed" else None, model_dir=model_dir,
+        start_s=start_s, run_s=run_s,
     )
 
 
@@ -315,19 +310,13 @@ def _param_space(sweep: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def _max_iterations(sweep: SweepSpec) -> int:
-    domain = sweep.space.get("outer.iterations")
-    if domain is None:
-        return sweep.base.outer.iterations
-    return int(max(domain.value))
-
-
 def _scheduler(sweep: SweepSpec) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
     s = sweep.scheduler
     if s.type == "asha":
-        max_t = _max_iterations(sweep)
+        domain = sweep.space.get("outer.iterations")  # the longest trial's iterations
+        max_t = int(max(domain.value)) if domain is not None else sweep.base.outer.iterations
         return AsyncHyperBandScheduler(time_attr="iteration", max_t=max_t, grace_period=min(s.grace_period, max_t),
                                        reduction_factor=s.reduction_factor)
     if s.type == "median":
@@ -390,7 +379,7 @@ def run_sweep(
             allowed_modules=list(allowed_modules) if allowed_modules is not None else None),
         trial_resources(base, launch))
     param_space = _param_space(sweep)
-    hooks = _Hooks(sweep=sweep, on_trial_update=on_trial_update, should_stop=should_stop, path=experiment,
+    hooks = _Hooks(sweep=sweep, path=experiment, on_trial_update=on_trial_update, should_stop=should_stop,
                    should_interrupt=should_interrupt)
     with _LIVE_LOCK:
         if key in _LIVE or any(h.path == experiment for h in _LIVE.values()):
@@ -438,7 +427,7 @@ def run_sweep(
             raise SweepError(f"sweep {sweep.name} failed: {type(exc).__name__}: {exc}") from exc
         if grid.num_errors:
             logger.warning("sweep %s: %d trial(s) failed", sweep.name, grid.num_errors)
-        trials = [_trial_info(t, hooks) for t in hooks.trials]
+        trials = hooks.infos or []  # published by Tune's on_experiment_end
     finally:
         with _LIVE_LOCK:
             _LIVE.pop(key, None)
@@ -447,7 +436,7 @@ def run_sweep(
     best_dir = Path(best.model_dir) if best is not None and best.model_dir else None
     result = SweepResult(trials=trials, best=best, best_model_dir=best_dir,
                          metric=sweep.metric or "eval/loss", mode=sweep.mode or "min",
-                         cancelled=hooks.cancelled_at is not None, experiment_path=experiment,
+                         cancelled=hooks.cancelled is not None, experiment_path=experiment,
                          wall_s=time.perf_counter() - start)
     logger.info("sweep %s: %s in %.1fs; best %s", sweep.name, result.counts(), result.wall_s,
                 f"{best.trial_id} ({sweep.metric}={best.metric})" if best else "none")

@@ -235,15 +235,10 @@ def _check_domain(base: JobSpec, path: str, domain: Domain) -> list[str]:
         try:
             apply_config(base, {path: candidate})
         except ValidationError as exc:
-            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {_message(e)}"
-                                for e in exc.errors())
+            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
+                                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
             problems.append(f"{where}: {json.dumps(candidate, default=str)} is refused: {reasons}")
     return problems
-
-
-def _message(error: Any) -> str:
-    msg = str(error["msg"])
-    return msg.removeprefix("Value error, ")
 
 
 def plain(value: Any) -> Any:

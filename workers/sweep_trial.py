@@ -62,7 +62,7 @@ class _TuneReporter:
         if not final and iteration - self.checkpointed < self.spec.checkpoint.every:
             tune.report(result)
         else:
-            saved = self.trainer.checkpoint()
+            saved = Path(self.trainer.checkpoint())
             out = self.run_dir / f"report-{iteration:08d}"
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(saved, out / "checkpoints" / saved.name)
