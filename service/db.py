@@ -91,6 +91,10 @@ class RunState:
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # The lease of the replica driving a running run: it renews lease_expires_at while it drives it;
+    # once that has passed, another replica may claim the run (service.runs).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
 
     @declared_attr.directive
     def __table_args__(cls) -> tuple[Index, ...]:
