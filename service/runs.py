@@ -8,11 +8,15 @@ that state:
 * a success registers the exported model and sets ``model_id``; an exception marks the run
   ``failed`` with its type and message; a cancel (here, or through another process by the
   database flag) stops it and marks it ``cancelled``;
-* a shutdown stops running runs resumably and leaves them ``queued``; on the next start,
-  :func:`recover_runs` settles what a crash left ``running`` and the rest resumes. No run is lost
-  or left running.
+* a shutdown stops running runs resumably and leaves them ``queued``; :func:`recover_runs` settles
+  what a crash left ``running`` and the rest resumes. No run is lost or left running.
 
-One queue per table and database: two processes sharing a database would recover each other's runs.
+Any number of queues (service replicas) may share one table: a running run is owned through a
+lease (``lease_owner``, ``lease_expires_at``) that its queue renews every quarter of
+``settings.lease_ttl_s``. Every transition is a conditional UPDATE (claim only what is queued,
+recover only what is running with an expired lease, finish only what this queue still owns), so no
+run is ever driven by two queues; when a replica dies, another requeues its runs once their lease
+has expired and resumes them from their checkpoints.
 Data access functions are keyword-only and take the session and the table; a ``scope`` of None is
 the admin (every tenant), otherwise the caller's tenant: another tenant's run is simply not found.
 """
@@ -20,14 +24,18 @@ the admin (every tenant), otherwise the caller's tenant: another tenant's run is
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -92,53 +100,78 @@ def is_cancel_requested(*, session: Session, table: type[RunState], run_id: str)
     return bool(session.scalar(select(table.cancel_requested).where(table.id == run_id)))
 
 
-def claim_run(*, session: Session, table: type[R], run_id: str) -> R | None:
-    """queued -> running, atomically; None if the run is no longer queued (cancelled meanwhile)."""
+def claim_run(*, session: Session, table: type[R], run_id: str, owner: str = "", ttl_s: float = 0.0) -> R | None:
+    """queued -> running with ``owner``'s lease, atomically; None if the run is no longer queued
+    (cancelled, or claimed by another queue meanwhile)."""
+    now = utcnow()
     changed = session.execute(
         update(table).where(table.id == run_id, table.status == "queued")
-        .values(status="running", attempts=table.attempts + 1, started_at=utcnow(), error=None,
-                **dict.fromkeys(table.run_only)))
+        .values(status="running", attempts=table.attempts + 1, started_at=now, error=None, lease_owner=owner or None,
+                lease_expires_at=now + timedelta(seconds=ttl_s) if owner else None, **dict.fromkeys(table.run_only)))
     session.commit()
     if changed.rowcount == 0:  # type: ignore[attr-defined]
         return None
     return session.get(table, run_id, populate_existing=True)
 
 
+def renew_leases(*, session: Session, table: type[RunState], owner: str, run_ids: list[str],
+                 ttl_s: float) -> set[str]:
+    """Extend ``owner``'s leases of ``run_ids``; the ids it still owns (a lost one is another's now)."""
+    if not run_ids:
+        return set()
+    session.execute(update(table).where(table.id.in_(run_ids), table.lease_owner == owner,
+                                        table.status == "running")
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=ttl_s)))
+    session.commit()
+    return set(session.scalars(select(table.id).where(table.id.in_(run_ids), table.lease_owner == owner,
+                                                      table.status == "running")).all())
+
+
 def finish_run(*, session: Session, table: type[RunState], run_id: str, status: str, error: str | None = None,
-               **fields: Any) -> None:
+               owner: str | None = None, commit: bool = True, **fields: Any) -> bool:
     """A run ended: a terminal status, or back to queued (a shutdown, to resume on the next start).
-    ``fields`` (e.g. ``model_id``) are stored unless None."""
-    values: dict[str, Any] = {"status": status, "error": error, **dict.fromkeys(table.run_only)}
+    ``fields`` (e.g. ``model_id``) are stored unless None. With ``owner``, only while that queue
+    still holds the lease: False (and nothing written) when another has taken the run over."""
+    values: dict[str, Any] = {"status": status, "error": error, "lease_owner": None, "lease_expires_at": None,
+                              **dict.fromkeys(table.run_only)}
     if status in TERMINAL_STATUSES:
         values["finished_at"] = utcnow()
     values.update((name, value) for name, value in fields.items() if value is not None)
-    session.execute(update(table).where(table.id == run_id).values(**values))
-    session.commit()
+    where = [table.id == run_id] + ([table.lease_owner == owner] if owner is not None else [])
+    changed = session.execute(update(table).where(*where).values(**values))
+    if commit:
+        session.commit()
+    return changed.rowcount > 0  # type: ignore[attr-defined]
 
 
 def recover_runs(*, session: Session, table: type[R], max_attempts: int,
                  detail: Callable[[R], str] = lambda row: "") -> list[str]:
-    """After a restart: settle runs a previous process left running; return the queue, oldest first.
+    """Settle runs whose driver is gone (running, with no lease or an expired one); return the
+    queue, oldest first.
 
-    A running run whose cancel was requested is cancelled; one started ``max_attempts`` times
-    already is failed with the reason (it keeps taking the service down, or keeps being killed),
-    plus ``detail(row)``; the rest are requeued, and resume (from a checkpoint, from Tune's state).
+    Such a run whose cancel was requested is cancelled; one started ``max_attempts`` times already
+    is failed with the reason (it keeps taking the service down, or keeps being killed), plus
+    ``detail(row)``; the rest are requeued, and resume (from a checkpoint, from Tune's state).
     """
-    kind = table.kind
-    for row in session.scalars(select(table).where(table.status == "running")).all():
+    kind, now = table.kind, utcnow()
+    orphaned = (table.status == "running", or_(table.lease_expires_at.is_(None), table.lease_expires_at < now))
+    for row in session.scalars(select(table).where(*orphaned)).all():
+        values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
         if row.cancel_requested:
-            row.status, row.finished_at = "cancelled", utcnow()
-            logger.info("%s %s: cancelled (cancel requested before the restart)", kind, row.id)
+            values.update(status="cancelled", finished_at=now)
+            message = "cancelled (cancel requested before its driver stopped)"
         elif row.attempts >= max_attempts:
-            row.status, row.finished_at = "failed", utcnow()
-            row.error = (f"Interrupted: the service stopped while the {kind} was running, {row.attempts} times "
-                         f"(limit MAML_MAX_{kind.upper()}_ATTEMPTS={max_attempts}){detail(row)}")
-            logger.warning("%s %s: failed after %d interrupted attempts", kind, row.id, row.attempts)
+            values.update(status="failed", finished_at=now, error=(
+                f"Interrupted: the service stopped while the {kind} was running, {row.attempts} times "
+                f"(limit MAML_MAX_{kind.upper()}_ATTEMPTS={max_attempts}){detail(row)}"))
+            message = f"failed after {row.attempts} interrupted attempts"
         else:
-            row.status = "queued"
-            for column in table.run_only:
-                setattr(row, column, None)
-            logger.info("%s %s: interrupted, requeued to resume", kind, row.id)
+            values.update(status="queued", **dict.fromkeys(table.run_only))
+            message = "interrupted, requeued to resume"
+        # Conditional, so that of two queues recovering at once only one moves the run.
+        changed = session.execute(update(table).where(table.id == row.id, *orphaned).values(**values))
+        if changed.rowcount:  # type: ignore[attr-defined]
+            logger.info("%s %s: %s", kind, row.id, message)
     session.commit()
     queued = select(table.id).where(table.status == "queued").order_by(table.created_at)
     return list(session.scalars(queued).all())
@@ -157,6 +190,10 @@ class RunQueue(Generic[R]):
     >>> manager.submit(run_id)     # after the row is committed as queued
     >>> manager.cancel(run_id)     # after runs.request_cancel
     >>> manager.stop()             # running runs stop resumably and stay queued for the next start
+
+    A maintenance thread renews the leases of the runs this queue drives (a run whose lease was
+    lost is stopped and its outcome not written), requeues runs whose driver is gone, and picks
+    up queued runs that another replica accepted.
     """
 
     table: type[R]
@@ -173,6 +210,8 @@ class RunQueue(Generic[R]):
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # This queue's name on its leases: unique per process and start.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- what a subclass provides ----------------------------------------------------------------
 
@@ -225,6 +264,9 @@ class RunQueue(Generic[R]):
             thread = threading.Thread(target=self._work, name=f"maml-{kind}s-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        thread = threading.Thread(target=self._maintain, name=f"maml-{kind}s-leases", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         logger.info("%s manager started: %d slot(s), %d %s(s) queued", kind, len(self._threads), len(queued), kind)
 
     def submit(self, run_id: str) -> None:
@@ -247,7 +289,7 @@ class RunQueue(Generic[R]):
         if not self._threads:
             return
         self._stopping.set()
-        for _ in self._threads:
+        for _ in range(self.slots):
             self._queue.put(None)
         deadline = time.monotonic() + (self.settings.stop_timeout_s if timeout is None else timeout)
         for thread in self._threads:
@@ -286,10 +328,33 @@ class RunQueue(Generic[R]):
             except Exception:  # bookkeeping failed (database down?): the run is recovered on restart
                 logger.exception("%s %s: the manager failed to record its run", self.table.kind, run_id)
 
+    def _maintain(self) -> None:
+        """Every quarter of the lease time: renew this queue's leases, stop runs whose lease was
+        lost, requeue runs whose driver is gone, and take on queued runs (another replica's too)."""
+        ttl = self.settings.lease_ttl_s
+        while not self._stopping.wait(ttl / 4):
+            try:
+                with self._lock:
+                    running = dict(self._running)
+                with self.session_factory() as session:
+                    owned = renew_leases(session=session, table=self.table, owner=self.owner,
+                                         run_ids=list(running), ttl_s=ttl)
+                    for run_id in set(running) - owned:
+                        logger.warning("%s %s: lease lost to another replica; stopping here", self.table.kind, run_id)
+                        running[run_id].set()
+                    queued = recover_runs(session=session, table=self.table, max_attempts=self.max_attempts,
+                                          detail=self.interrupted_detail)
+            except Exception:  # the database is unreachable for now: try again at the next round
+                logger.exception("%s queue: lease maintenance failed", self.table.kind)
+                continue
+            for run_id in queued:
+                self.submit(run_id)
+
     def _run(self, run_id: str) -> None:
         kind = self.table.kind
         with self.session_factory() as session:
-            row = claim_run(session=session, table=self.table, run_id=run_id)
+            row = claim_run(session=session, table=self.table, run_id=run_id, owner=self.owner,
+                            ttl_s=self.settings.lease_ttl_s)
         if row is None:
             return
         cancel = threading.Event()
@@ -313,6 +378,13 @@ class RunQueue(Generic[R]):
                     logger.exception("%s %s: registering %s failed", kind, run_id, self.model_label)
                     outcome = "failed"
                     fields["error"] = f"registering {self.model_label} failed: {describe_error(exc)}"
-            finish_run(session=session, table=self.table, run_id=run_id, status=outcome, **fields)
+            # The model row and the outcome commit together, and only while this queue owns the run.
+            if not finish_run(session=session, table=self.table, run_id=run_id, status=outcome, owner=self.owner,
+                              commit=False, **fields):
+                session.rollback()
+                logger.warning("%s %s: its lease was taken over; its outcome here (%s) is dropped", kind, run_id,
+                               outcome)
+                return
+            session.commit()
         self.ended(outcome)
         logger.info("%s %s: %s%s", kind, run_id, outcome, f" ({fields['error']})" if fields.get("error") else "")

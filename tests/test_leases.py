@@ -1,0 +1,146 @@
+"""Replicas sharing one database: a run is owned through a lease, so it is driven once.
+
+Two job queues (what two ``maml serve`` replicas run) on the same database, in this process, with
+the real engine training in process: a job both are told about is trained once; when the replica
+driving a job dies (its lease is no longer renewed), the other requeues it once the lease expires
+and finishes it from its checkpoint, and the dead one's late outcome is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import SMALL_SINE, in_process_runner
+from sqlalchemy import func, select
+
+from service import runs
+from service.config import Settings
+from service.db import Job, JobMetric, Model, init_db, make_engine, make_session_factory
+from service.jobs import create_job
+from service.manager import JobManager
+from workers.spec import JobSpec
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def shared(settings: Settings) -> Iterator[tuple[Settings, object]]:
+    """Settings with a 1 s lease, and a session factory on their (fresh) database."""
+    settings = settings.model_copy(update={"lease_ttl_s": 1.0})
+    settings.prepare()
+    engine = make_engine(settings)
+    init_db(engine)
+    yield settings, make_session_factory(engine)
+    engine.dispose()
+
+
+def wait_for(factory, job_id: str, until, timeout: float = 60.0) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            if until(job):
+                return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} is {job.status} at iteration {job.iteration} after {timeout}s")
+        time.sleep(0.05)
+
+
+def new_job(factory, **changes) -> str:
+    with factory() as session:
+        return create_job(session=session, tenant="acme", spec=JobSpec.model_validate({**SMALL_SINE, **changes})).id
+
+
+def test_a_job_two_replicas_are_told_about_is_trained_once(shared) -> None:
+    settings, factory = shared
+    calls: list[str] = []
+
+    def counting(spec, **kwargs):
+        calls.append(kwargs["run_dir"].name)
+        return in_process_runner(spec, **kwargs)
+
+    replicas = [JobManager(settings=settings, session_factory=factory, run_fn=counting) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    try:
+        job_id = new_job(factory)
+        for replica in replicas:
+            replica.submit(job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert job.status == "succeeded" and job.attempts == 1 and job.lease_owner is None
+    assert calls == [job_id]
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Model)) == 1
+        iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
+    assert sorted(iterations) == list(range(1, 61))
+
+
+def test_a_dead_replicas_job_is_taken_over_after_its_lease_expires(shared) -> None:
+    settings, factory = shared
+    release = threading.Event()
+
+    def dies_mid_job(spec, *, reporter, **kwargs):
+        """Trains 30 iterations (checkpointing every 20), then hangs as a dead process would."""
+        def report(iteration, metrics):
+            reporter(iteration, metrics)
+            if iteration == 30:
+                release.wait(60)
+                raise RuntimeError("the process is gone")
+        return in_process_runner(spec, reporter=report, **kwargs)
+
+    dead = JobManager(settings=settings, session_factory=factory, run_fn=dies_mid_job)
+    dead.start()
+    job_id = new_job(factory)
+    dead.submit(job_id)
+    wait_for(factory, job_id, lambda j: j.iteration >= 21)  # past the checkpoint at 20
+    owner = dead.owner
+    dead._stopping.set()  # its lease is no longer renewed: what kill -9 leaves behind
+    with factory() as session:
+        assert session.get(Job, job_id).lease_owner == owner
+
+    survivor = JobManager(settings=settings, session_factory=factory, run_fn=in_process_runner)
+    survivor.start()
+    try:
+        start = time.monotonic()
+        taken = wait_for(factory, job_id, lambda j: j.lease_owner == survivor.owner or j.status in TERMINAL)
+        takeover_s = time.monotonic() - start
+        release.set()  # the dead replica's thread wakes up: its outcome must not be written
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        time.sleep(0.5)
+    finally:
+        survivor.stop()
+    assert taken.attempts == 2 and takeover_s < 5 * settings.lease_ttl_s
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert session.scalar(select(func.count()).select_from(Model)) == 1
+        iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
+    assert job.status == "succeeded" and job.error is None and job.model_id
+    assert sorted(iterations) == list(range(1, 61))  # each iteration once, the replayed ones too
+
+
+def test_transitions_are_conditional_on_the_lease(shared) -> None:
+    settings, factory = shared
+    job_id = new_job(factory)
+    with factory() as session:
+        assert runs.claim_run(session=session, table=Job, run_id=job_id, owner="a", ttl_s=60) is not None
+        assert runs.claim_run(session=session, table=Job, run_id=job_id, owner="b", ttl_s=60) is None
+        # A live lease is not recovered; only its owner renews or finishes the run.
+        assert job_id not in runs.recover_runs(session=session, table=Job, max_attempts=3)
+        assert session.get(Job, job_id, populate_existing=True).status == "running"
+        assert runs.renew_leases(session=session, table=Job, owner="b", run_ids=[job_id], ttl_s=60) == set()
+        assert runs.renew_leases(session=session, table=Job, owner="a", run_ids=[job_id], ttl_s=60) == {job_id}
+        assert not runs.finish_run(session=session, table=Job, run_id=job_id, status="failed", owner="b")
+        # Expired: requeued for anyone to claim, and the old owner can no longer finish it.
+        assert runs.renew_leases(session=session, table=Job, owner="a", run_ids=[job_id], ttl_s=-1) == {job_id}
+        assert runs.recover_runs(session=session, table=Job, max_attempts=3) == [job_id]
+        assert not runs.finish_run(session=session, table=Job, run_id=job_id, status="succeeded", owner="a")
+        assert runs.claim_run(session=session, table=Job, run_id=job_id, owner="b", ttl_s=60).attempts == 2
+        assert runs.finish_run(session=session, table=Job, run_id=job_id, status="succeeded", owner="b")
+        job = session.get(Job, job_id, populate_existing=True)
+    assert job.status == "succeeded" and job.lease_owner is None and job.lease_expires_at is None
