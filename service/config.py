@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         3, ge=1, le=100, description="starts of one job (restarts included) before it is marked failed")
     max_concurrent_sweeps: int = Field(
         1, ge=1, le=64, description="sweeps run at the same time (their trials share the Ray cluster)")
+    lease_ttl_s: float = Field(
+        20.0, ge=1, le=3600, description="a replica's lease on a run it drives, renewed every quarter of it; "
+        "after a replica dies, another takes its runs over within this time")
     max_sweep_attempts: int = Field(
         3, ge=1, le=100, description="starts of one sweep (resumes after restarts included) before it is failed")
     report_every: int = Field(1, ge=1, description="iterations between progress reports from the trainer")
