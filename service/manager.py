@@ -104,12 +104,22 @@ class _JobRun:
             eta = self.eta_s()
         if not points and replace_from is None:
             return
-        with self.manager.session_factory() as session:
-            jobs.record_progress(session=session, job_id=self.run_id, points=points, eta_s=eta,
-                                 replace_from=replace_from)
-            # A cancel requested through another process reaches us here, at most one flush late.
-            if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):
-                self.cancel.set()
+        try:
+            with self.manager.session_factory() as session:
+                jobs.record_progress(session=session, job_id=self.run_id, points=points, eta_s=eta,
+                                     replace_from=replace_from)
+                # A cancel requested through another process reaches us here, at most one flush late.
+                if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):
+                    self.cancel.set()
+        except Exception:
+            # A failed write (the database locked or unreachable for a moment) never fails the job:
+            # the points go back in front of the buffer and the next flush writes them.
+            logger.warning("job %s: writing %d report(s) failed; kept for the next flush", self.run_id, len(points),
+                           exc_info=True)
+            with self.lock:
+                self.buffer[:0] = points
+                if replace_from is not None:
+                    self.replaced = False
 
 
 class JobManager(RunQueue[Job]):

@@ -1,4 +1,5 @@
-"""Replicas sharing one database: a run is owned through a lease, so it is driven once.
+"""Replicas sharing one database, and the bookkeeping of a queue: a run is owned through a lease,
+so it is driven once; a failed metrics write never fails a job.
 
 Two job queues (what two ``maml serve`` replicas run) on the same database, in this process, with
 the real engine training in process: a job both are told about is trained once; when the replica
@@ -15,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 from helpers import SMALL_SINE, in_process_runner
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
-from service import runs
+from service import jobs, runs
 from service.config import Settings
 from service.db import Job, JobMetric, Model, init_db, make_engine, make_session_factory
 from service.jobs import create_job
@@ -144,3 +146,30 @@ def test_transitions_are_conditional_on_the_lease(shared) -> None:
         assert runs.finish_run(session=session, table=Job, run_id=job_id, status="succeeded", owner="b")
         job = session.get(Job, job_id, populate_existing=True)
     assert job.status == "succeeded" and job.lease_owner is None and job.lease_expires_at is None
+
+
+def test_a_failed_metrics_write_keeps_the_points_and_the_job_succeeds(shared, monkeypatch) -> None:
+    settings, factory = shared
+    real = jobs.record_progress
+    failures = {"left": 3}
+
+    def flaky(**kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(jobs, "record_progress", flaky)
+    manager = JobManager(settings=settings, session_factory=factory, run_fn=in_process_runner)
+    manager.start()
+    try:
+        job_id = new_job(factory)
+        manager.submit(job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        manager.stop()
+    assert failures["left"] == 0
+    assert job.status == "succeeded" and job.error is None and job.iteration == 60
+    with factory() as session:
+        iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
+    assert sorted(iterations) == list(range(1, 61))  # the points of the failed writes were written later
