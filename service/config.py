@@ -158,9 +158,14 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.data_dir.expanduser() / 'maml.db').resolve()}"
+        """``database_url`` with PostgreSQL on psycopg 3 (``postgres://`` and ``postgresql://`` name no
+        driver, and SQLAlchemy's default for them is psycopg2); the SQLite file under data_dir if unset."""
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir.expanduser() / 'maml.db').resolve()}"
+        scheme, sep, rest = self.database_url.partition("://")
+        if sep and scheme in ("postgres", "postgresql"):
+            return f"postgresql+psycopg://{rest}"
+        return self.database_url
 
     @property
     def allowed_data_roots(self) -> list[Path]:

@@ -1,38 +1,52 @@
 """Persistence: SQLAlchemy 2 tables for jobs, metric series, sweeps, models, adapted weights and API keys.
 
 SQLite (the default, a file under ``data_dir``) runs in WAL mode so the API reads while the job
-manager writes; any other ``DATABASE_URL`` (PostgreSQL) works unchanged. The engine is built by
-:func:`make_engine` from settings, never at import time.
+manager writes; PostgreSQL (``MAML_DATABASE_URL=postgresql+psycopg://...``) runs on psycopg 3 with a
+connection pool. The engine is built by :func:`make_engine` from settings, never at import time.
+The schema is Alembic's (``service/migrations``): :func:`init_db` migrates to the newest revision.
+Writes that may meet a lost connection, a locked database or a deadlock go through
+:func:`retry_transient`.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import sqlite3
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
+from alembic import command
+from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     JSON,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Float,
     ForeignKey,
     Index,
     Integer,
-    MetaData,
     String,
     Text,
     TypeDecorator,
     create_engine,
     event,
-    inspect,
     text,
 )
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, declared_attr, mapped_column, sessionmaker
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from service.config import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -210,7 +224,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """The engine of the configured database (SQLite WAL file by default)."""
+    """The engine of the configured database: a SQLite WAL file by default, or PostgreSQL on psycopg 3.
+
+    PostgreSQL connections are pooled (SQLAlchemy's QueuePool); pre-ping replaces a connection that
+    the server closed (a restart, an idle timeout) before it is used, and connections are recycled
+    after half an hour so none outlives a proxy's idle limit.
+    """
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)
@@ -218,68 +237,133 @@ def make_engine(settings: Settings) -> Engine:
                                pool_size=16, max_overflow=16, pool_pre_ping=False)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800,
+                         connect_args=connect_args)
+
+
+# ------------------------------------------------------------------------------------------ migrations
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x6D616D6C  # "maml": the PostgreSQL advisory lock that replicas migrate under, one at a time
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    """Alembic's configuration for the migrations that ship in this package (no ini file needed);
+    ``connection``: the one ``env.py`` migrates, in the transaction its caller holds."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet, and bring older ones up to date."""
-    Base.metadata.create_all(engine)
-    _upgrade_models(engine)
+    """Migrate the database to the newest revision (``alembic upgrade head``), all of it in one transaction.
 
-
-def _upgrade_models(engine: Engine) -> None:
-    """A ``models`` table from before sweeps: add ``sweep_id`` and let ``job_id`` be null.
-
-    PostgreSQL alters the column in place. SQLite cannot drop a NOT NULL, so the table is rebuilt
-    (SQLite's documented procedure: new table, copy, drop, rename, with foreign keys off).
+    A new database gets every table; one made before migrations (tables, no ``alembic_version``) is
+    adopted by the baseline revision and stamped; an up-to-date one is left alone. Several processes
+    starting at once migrate one after the other (PostgreSQL: an advisory lock; SQLite: the write lock).
     """
-    columns = {c["name"]: c for c in inspect(engine).get_columns("models")}
-    if "sweep_id" in columns and columns["job_id"]["nullable"]:
-        return
-    table = Model.__table__
-    if engine.dialect.name != "sqlite":
-        with engine.begin() as conn:
-            if "sweep_id" not in columns:
-                conn.execute(text("ALTER TABLE models ADD COLUMN sweep_id VARCHAR(36) REFERENCES sweeps (id)"))
-            conn.execute(text("ALTER TABLE models ALTER COLUMN job_id DROP NOT NULL"))
-        return
+    with _migrating(engine) as connection:
+        command.upgrade(alembic_config(connection), "head")
 
-    scratch = MetaData()  # the tables models refers to, so its foreign keys compile
-    for referred in (Job.__table__, Sweep.__table__):
-        referred.to_metadata(scratch)  # type: ignore[attr-defined]
-    new = table.to_metadata(scratch, name="models_upgrade")  # type: ignore[attr-defined]
-    new.indexes.clear()  # the old table's index names are taken until it is dropped
-    kept = ", ".join(c for c in columns if c in table.c)
-    statements = [
-        str(CreateTable(new).compile(dialect=engine.dialect)),
-        f"INSERT INTO models_upgrade ({kept}) SELECT {kept} FROM models",
-        "DROP TABLE models",
-        "ALTER TABLE models_upgrade RENAME TO models",
-        *(str(CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes),  # type: ignore[attr-defined]
-    ]
-    raw = engine.raw_connection()
-    try:
-        driver = raw.driver_connection
+
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that the migrations run in; committed when they succeed."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            yield connection
+        return
+    # SQLite rebuilds a table to alter it (drop, rename), which foreign keys would refuse or cascade
+    # through: they go off first, outside the transaction (inside one SQLite ignores the pragma), and
+    # are checked before the commit. pysqlite commits before each DDL statement unless it is told
+    # to leave the transaction to us (isolation_level None, explicit BEGIN/COMMIT).
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection
         assert driver is not None
-        driver.isolation_level = None  # explicit BEGIN/COMMIT: pysqlite would commit before each DDL
-        cursor = driver.cursor()
-        cursor.execute("PRAGMA foreign_keys=OFF")  # outside the transaction, or SQLite ignores it
+        foreign_keys = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        isolation, driver.isolation_level = driver.isolation_level, None
         try:
-            cursor.execute("BEGIN")
-            for statement in statements:
-                cursor.execute(statement)
-            problems = cursor.execute("PRAGMA foreign_key_check").fetchall()
-            if problems:
-                raise RuntimeError(f"upgrading the models table broke foreign keys: {problems}")
-            cursor.execute("COMMIT")
-        except BaseException:
-            cursor.execute("ROLLBACK")
-            raise
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now: one migrating process at a time
+            try:
+                yield connection
+                problems = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if problems:
+                    raise RuntimeError(f"the migration broke foreign keys: {problems}")
+                connection.exec_driver_sql("COMMIT")
+            except BaseException:
+                connection.exec_driver_sql("ROLLBACK")
+                raise
         finally:
-            cursor.execute("PRAGMA foreign_keys=ON")
-            driver.isolation_level = ""
-    finally:
-        raw.close()
+            driver.isolation_level = isolation
+            connection.exec_driver_sql(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+
+
+# ------------------------------------------------------------------------------------------- retries
+
+RETRY_ATTEMPTS = 4  # tries of a write in all
+RETRY_BACKOFF_S = 0.1  # before the second try; doubles each time, with jitter (so deadlocked writers part)
+# SQLSTATEs worth another try: serialization failure, deadlock; and the classes of a lost or refused
+# connection (08: connection exception; 57P: the server shutting down, crashing or starting up).
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
+
+
+class DatabaseUnavailable(RuntimeError):
+    """A write that failed with a transient error (connection lost, database locked, serialization
+    failure, deadlock) at every one of its tries; ``__cause__`` is the last error."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the same write may succeed if tried again: a lost connection, a locked SQLite
+    database, a PostgreSQL serialization failure or deadlock. Constraint violations and bugs are not."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:  # SQLAlchemy saw a disconnect; the pool drops the connection
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        message = str(orig).lower()
+        return "locked" in message or "busy" in message
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg's errors carry the server's code
+    if sqlstate:
+        return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+    # psycopg's OperationalError without a code: the server could not be reached or went away.
+    return isinstance(exc, OperationalError)
+
+
+def retry_transient(session: Session, write: Callable[[], T], *, what: str = "write",
+                    attempts: int | None = None, backoff_s: float | None = None) -> T:
+    """``write()`` (which writes through ``session`` and commits), tried again after a transient error.
+
+    After a failure the session is rolled back, which forgets what the try added to it: ``write``
+    must do all its work again each time. A non-transient error is raised as it is; a transient one
+    that outlasts ``attempts`` tries (default ``RETRY_ATTEMPTS``) is raised as :class:`DatabaseUnavailable`.
+
+    >>> retry_transient(session, lambda: _store(session, rows), what="job 42 progress")
+    """
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except DBAPIError as exc:
+            with suppress(DBAPIError):  # a dead connection may refuse the rollback too; the pool replaces it
+                session.rollback()
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise DatabaseUnavailable(f"{what}: failed {attempts} times, last: {exc.orig!r}") from exc
+            delay = backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            logger.warning("%s: transient database error (try %d of %d), again in %.2fs: %s",
+                           what, attempt, attempts, delay, exc.orig)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # attempts >= 1: every path above returns or raises
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
