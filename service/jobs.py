@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import runs
 from service.config import Settings
-from service.db import JOB_STATUSES, Job, JobMetric
+from service.db import JOB_STATUSES, DatabaseUnavailable, Job, JobMetric, retry_transient
 from service.errors import InvalidInput
 from service.schemas import finite_metrics
 from workers.errors import ModelError, SpecError
@@ -125,21 +127,43 @@ def count_by_status(*, session: Session) -> dict[str, int]:
     return dict(counts)
 
 
+class ProgressNotRecorded(RuntimeError):
+    """A running job's metric points could not be written (the database is down, locked or failing,
+    after :func:`service.db.retry_transient`'s tries): none of them was stored, and the job's progress
+    is as before, so the caller keeps the points and writes them with the next ones."""
+
+    def __init__(self, job_id: str, points: int, cause: BaseException) -> None:
+        super().__init__(f"job {job_id}: {points} metric points not written: {type(cause).__name__}: {cause}")
+        self.job_id, self.points = job_id, points
+
+
 def record_progress(*, session: Session, job_id: str, points: Iterable[tuple[int, dict[str, float]]],
                     eta_s: float | None, replace_from: int | None = None) -> None:
-    """Append metric points and move the job's progress to the last one.
+    """Append metric points and move the job's progress to the last one, in one transaction.
 
     ``replace_from``: the first iteration of a resumed run; points at or after it from the run
-    that was interrupted are dropped first, so the series has each iteration once.
+    that was interrupted are dropped first, so the series has each iteration once. A transient
+    error (lost connection, locked database, deadlock) is tried again; when the write still fails,
+    :class:`ProgressNotRecorded` (nothing was written).
     """
-    rows = [JobMetric(job_id=job_id, iteration=it, metrics=finite_metrics(m)) for it, m in points]
-    if replace_from is not None:
-        session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.iteration >= replace_from))
-    if rows:
-        session.add_all(rows)
-        iteration, latest = rows[-1].iteration, rows[-1].metrics
-        session.execute(update(Job).where(Job.id == job_id).values(iteration=iteration, metrics=latest, eta_s=eta_s))
-    session.commit()
+    cleaned = [(it, finite_metrics(m)) for it, m in points]  # a list: each try writes them all
+
+    def write() -> None:
+        if replace_from is not None:
+            session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.iteration >= replace_from))
+        if cleaned:
+            session.add_all(JobMetric(job_id=job_id, iteration=it, metrics=m) for it, m in cleaned)
+            iteration, latest = cleaned[-1]
+            session.execute(update(Job).where(Job.id == job_id).values(iteration=iteration, metrics=latest,
+                                                                        eta_s=eta_s))
+        session.commit()
+
+    try:
+        retry_transient(session, write, what=f"job {job_id} progress")
+    except (DatabaseUnavailable, SQLAlchemyError) as exc:
+        with suppress(SQLAlchemyError):  # the session stays usable for the caller's next write
+            session.rollback()
+        raise ProgressNotRecorded(job_id, len(cleaned), exc) from exc
 
 
 def finish_job(*, session: Session, job_id: str, status: str, error: str | None = None,
