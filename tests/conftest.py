@@ -1,5 +1,6 @@
-"""Fixtures shared by the tests: settings and an in-process app on a temporary data dir, keys, the
-real Omniglot and its cache, and the one local Ray cluster of the tests marked ``ray``."""
+"""Fixtures shared by the tests: the database (each persistence test runs on SQLite and on
+PostgreSQL), settings and an in-process app on a temporary data dir, keys, the real Omniglot and its
+cache, and the one local Ray cluster of the tests marked ``ray``."""
 
 from __future__ import annotations
 
@@ -9,9 +10,40 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import ADMIN_TOKEN, TESTS, make_app, make_settings
+from helpers import ADMIN_TOKEN, BACKENDS, TESTS, fresh_database, make_app, make_settings, use_database
 
 from service.config import Settings
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--db", action="append", choices=BACKENDS, default=None,
+                     help="a database the persistence tests run on (repeat for both; default: sqlite and "
+                          "postgresql, the latter at MAML_TEST_POSTGRES_URL, else postgres@127.0.0.1:5432)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test that uses the database runs once per backend. Module scope: a module's tests are grouped
+    # by backend, and a module-scoped fixture (one trained app) can take its own database too.
+    if "db_backend" in metafunc.fixturenames:
+        backends = metafunc.config.getoption("db") or list(BACKENDS)
+        only = metafunc.definition.get_closest_marker("backends")  # a test of one backend's behaviour
+        if only is not None:
+            backends = [backend for backend in backends if backend in only.args]
+        metafunc.parametrize("db_backend", backends, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgresql``: the backend of this variant of the test."""
+    return request.param
+
+
+@pytest.fixture
+def database(db_backend: str) -> Iterator[str | None]:
+    """The test's own database, which ``make_settings`` uses while the test runs: SQLite under the
+    data dir (None), or a fresh PostgreSQL database (its URL), dropped after the test."""
+    with fresh_database(db_backend) as url, use_database(url):
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +85,7 @@ def dataset_cache() -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, database: str | None) -> Settings:
     return make_settings(tmp_path)
 
 

@@ -1,17 +1,23 @@
 """Shared helpers of the tests: the admin token, a small sinusoid job, settings on a temporary
-data dir with a real SQLite file, an app whose jobs train in this process (the real engine,
-``workers.run.run_training`` without Ray), and polling and submission helpers. Fixtures are in
-``conftest.py``."""
+data dir with a real database (a SQLite file, or a PostgreSQL database of the test's own), an app
+whose jobs train in this process (the real engine, ``workers.run.run_training`` without Ray), and
+polling and submission helpers. Fixtures are in ``conftest.py``."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 
 from api.main import create_app
 from service.config import Settings
@@ -37,11 +43,78 @@ def in_process_runner(spec, **kwargs) -> TrainResult:
     return run_training(spec, use_ray=False, **kwargs)
 
 
+# ------------------------------------------------------------------------------------------ databases
+
+BACKENDS = ("sqlite", "postgresql")
+# The server the PostgreSQL variants create their databases on (a role that may CREATE DATABASE).
+POSTGRES_URL = os.environ.get("MAML_TEST_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+_postgres_error: list[str] = []  # why the server could not be reached, once known (asked once a session)
+_database_url: str | None = None  # the database of the test running now (conftest's `database` fixture)
+
+
+def _admin_conninfo() -> str:
+    # psycopg takes a libpq URL: no SQLAlchemy driver suffix.
+    return make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def require_postgres() -> None:
+    """Fail (never skip) the test when the PostgreSQL server is not reachable, saying how to start one."""
+    if not _postgres_error:
+        try:
+            with psycopg.connect(_admin_conninfo(), connect_timeout=5):
+                _postgres_error.append("")
+        except psycopg.Error as exc:
+            _postgres_error.append(f"{type(exc).__name__}: {str(exc).strip()}")
+    if _postgres_error[0]:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {make_url(POSTGRES_URL)!r} ({_postgres_error[0]}). The persistence "
+            "tests run on SQLite and on PostgreSQL; each PostgreSQL test creates a database of its own there. "
+            "Start a server with trust auth for user postgres, e.g. `apt-get install postgresql && "
+            "pg_ctlcluster 15 main start` (then in pg_hba.conf: host all all 127.0.0.1/32 trust), or `docker run "
+            "-d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15`; or point MAML_TEST_POSTGRES_URL at "
+            "one; or run SQLite only with `pytest --db sqlite`.", pytrace=False)
+
+
+@contextmanager
+def fresh_database(backend: str) -> Iterator[str | None]:
+    """A database of its own for a test (or a module's fixture), by its SQLAlchemy URL.
+
+    SQLite: None, which is make_settings' default, a file under the test's own data dir. PostgreSQL:
+    a new database on the server of ``MAML_TEST_POSTGRES_URL``, dropped afterwards (connections left
+    open by the test included), so no test sees another's rows.
+    """
+    if backend == "sqlite":
+        yield None
+        return
+    require_postgres()
+    name = f"maml_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_URL).set(drivername="postgresql+psycopg", database=name).render_as_string(
+            hide_password=False)
+    finally:
+        with psycopg.connect(_admin_conninfo(), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def use_database(url: str | None) -> Iterator[None]:
+    """make_settings' database while the block runs (None: the SQLite file under its data dir)."""
+    global _database_url
+    previous, _database_url = _database_url, url
+    try:
+        yield
+    finally:
+        _database_url = previous
+
+
 def make_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings on ``root``; the database is the current test's (``use_database``), else SQLite under root."""
     (root / "datasets").mkdir(parents=True, exist_ok=True)
     values: dict[str, Any] = dict(
         data_dir=root / "data", cache_dir=root / "cache", admin_token=ADMIN_TOKEN, data_roots=[root / "datasets"],
-        data_root=None,
+        data_root=None, database_url=_database_url,
         model_allowlist=["user_models"], metrics_flush_s=0.05, events_poll_s=0.05, auth_cache_s=0,
     )
     values.update(overrides)

@@ -8,13 +8,14 @@ import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import make_app, make_settings, submit, wait_for_job
+from helpers import fresh_database, make_app, make_settings, submit, wait_for_job
 from PIL import Image
 
 from service import jobs, registry
@@ -23,6 +24,7 @@ from workers.spec import JobSpec
 from workers.tasks.omniglot import preprocess_image
 
 API = "/api/v1"
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 OMNIGLOT_SPEC = {"name": "omni", "task": {"family": "omniglot", "ways": 5, "shots": 1, "queries": 1,
                                           "image_size": 28, "path": "/unused"},
                  "model": {"name": "conv4", "filters": 8}, "eval": {"steps": 3}, "inner": {"lr": 0.4}}
@@ -64,10 +66,16 @@ def png(array: np.ndarray, fmt: str = "PNG") -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[TestClient, str, dict]:
-    """One app with a trained sinusoid model, shared by the module's tests."""
+def trained(tmp_path_factory, db_backend: str) -> Iterator[tuple[TestClient, str, dict]]:
+    """One app with a trained sinusoid model, shared by the module's tests (of one backend)."""
     root: Path = tmp_path_factory.mktemp("adapt")
-    settings = make_settings(root, adapt_max_support=50, adapt_max_query=20, adapt_max_steps=100)
+    with fresh_database(db_backend) as url:
+        settings = make_settings(root, database_url=url, adapt_max_support=50, adapt_max_query=20,
+                                 adapt_max_steps=100)
+        yield from _trained(settings)
+
+
+def _trained(settings) -> Iterator[tuple[TestClient, str, dict]]:
     headers = {"Authorization": "Bearer " + settings.admin_token.get_secret_value()}
     with TestClient(make_app(settings)) as client:
         job = submit(client, headers, outer={"iterations": 10, "meta_batch_size": 2}, eval={"every": 10, "tasks": 2})

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import ADMIN_TOKEN, in_process_runner, make_app, make_settings, submit, wait_for_job
+from helpers import ADMIN_TOKEN, fresh_database, in_process_runner, make_app, make_settings, submit, wait_for_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -49,9 +49,15 @@ class WithoutLifespan:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory) -> Iterator[tuple[schemathesis.BaseSchema, dict[str, str]]]:
-    """The schema of a running app, and ids of a real job and model in it."""
-    settings = make_settings(tmp_path_factory.mktemp("fuzz"), max_body_bytes=64 * 1024, adapt_max_steps=50)
+def fuzzed(tmp_path_factory, db_backend: str) -> Iterator[tuple[schemathesis.BaseSchema, dict[str, str]]]:
+    """The schema of a running app (on one backend), and ids of a real job and model in it."""
+    with fresh_database(db_backend) as url:
+        settings = make_settings(tmp_path_factory.mktemp("fuzz"), database_url=url, max_body_bytes=64 * 1024,
+                                 adapt_max_steps=50)
+        yield from _fuzzed(settings)
+
+
+def _fuzzed(settings) -> Iterator[tuple[schemathesis.BaseSchema, dict[str, str]]]:
     app = make_app(settings, fuzz_runner)
     with TestClient(app) as client:
         # A valid generated sweep would start Ray Tune inside the fuzz; sweeps stay queued instead

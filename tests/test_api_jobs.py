@@ -1,4 +1,4 @@
-"""Jobs through the app against a real SQLite file: submit, follow, register, adapt, list, cancel,
+"""Jobs through the app against a real database (SQLite and PostgreSQL): submit, follow, register, adapt, list, cancel,
 refuse bad specs, keep tenants apart, refuse large bodies."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ import math
 import time
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from helpers import SMALL_SINE, make_app, make_image_folder, make_settings, submit, wait_for_job
 from safetensors.torch import load as load_safetensors
 
 API = "/api/v1"
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
 
 def sine_query(amplitude: float = 2.0, phase: float = 0.5, k: int = 10, q: int = 5) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 from helpers import in_process_runner, make_app, make_settings, submit, wait_for_job
 from sqlalchemy import update
@@ -17,6 +18,7 @@ from sqlalchemy import update
 from service.db import Job, make_engine, make_session_factory
 
 API = "/api/v1"
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 SPEC = {"outer": {"iterations": 120, "meta_batch_size": 2}, "eval": {"every": 120, "tasks": 2},
         "checkpoint": {"every": 10, "keep": 3}}
 

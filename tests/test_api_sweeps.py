@@ -1,7 +1,8 @@
-"""Sweeps through the app against a real SQLite file.
+"""Sweeps through the app against a real database.
 
-Without Ray: bad search spaces and policy refusals answer 422 naming the field, tenants are kept
-apart, cancel and events of a queued sweep, and an old ``models`` table is upgraded. On a local
+Without Ray (on SQLite and on PostgreSQL): bad search spaces and policy refusals answer 422 naming
+the field, tenants are kept apart, cancel and events of a queued sweep, and an old ``models`` table
+is upgraded. On a local
 Ray cluster (``ray``): a 4-trial ASHA sweep where half the trials raise ends with a trial stopped
 early and the best model registered and adaptable; a sweep interrupted by a service stop is
 resumed by the next start.
@@ -62,7 +63,7 @@ def with_changes(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
+def client(tmp_path: Path, database: str | None) -> Iterator[TestClient]:
     with TestClient(make_app(make_settings(tmp_path))) as c:
         yield c
 
@@ -175,6 +176,7 @@ def stored_before_start(settings: Settings, **values: Any) -> str:
     return sweep_id
 
 
+@pytest.mark.usefixtures("database")
 def test_a_restart_settles_sweeps_left_running_that_it_cannot_resume(tmp_path: Path) -> None:
     """Left running with a cancel requested: cancelled; started max_sweep_attempts times: failed, saying why.
     (A sweep left running otherwise is resumed: see the Ray tests below.)"""
@@ -189,7 +191,8 @@ def test_a_restart_settles_sweeps_left_running_that_it_cannot_resume(tmp_path: P
 
 
 def test_an_old_models_table_is_upgraded_for_sweep_models(tmp_path: Path) -> None:
-    """A database from before sweeps: models.job_id NOT NULL and no sweep_id; init_db fixes both."""
+    """A database from before sweeps: models.job_id NOT NULL and no sweep_id; init_db fixes both.
+    (SQLite, which rebuilds the table; tests/test_db.py upgrades a whole pre-migration database on both.)"""
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
     event.listen(engine, "connect", _sqlite_pragmas)
     with engine.begin() as conn:

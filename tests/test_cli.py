@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from cli.app import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
 
 class _Tail(logging.Handler):
