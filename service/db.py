@@ -265,13 +265,14 @@ def init_db(engine: Engine) -> None:
     adopted by the baseline revision and stamped; an up-to-date one is left alone. Several processes
     starting at once migrate one after the other (PostgreSQL: an advisory lock; SQLite: the write lock).
     """
-    with _migrating(engine) as connection:
+    with migrating(engine) as connection:
         command.upgrade(alembic_config(connection), "head")
 
 
 @contextmanager
-def _migrating(engine: Engine) -> Iterator[Connection]:
-    """A connection in a transaction that the migrations run in; committed when they succeed."""
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that migrations run in (``init_db``, Alembic's command line);
+    committed when they succeed, rolled back otherwise."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":

@@ -13,16 +13,18 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from service.config import Settings
-from service.db import Base, make_engine
+from service.config import get_settings
+from service.db import Base, make_engine, migrating
 
 config = context.config
 
 
 def run(connection: Connection) -> None:
     # SQLite cannot alter most of a table in place: batch mode rebuilds it (copy, drop, rename).
+    # The caller's transaction (service.db.migrating) holds every statement, DDL included, on SQLite too.
     context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True,
+                      transactional_ddl=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -35,10 +37,9 @@ elif context.is_offline_mode():
 else:
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    engine = make_engine(Settings())
+    engine = make_engine(get_settings())
     try:
-        with engine.connect() as conn:
+        with migrating(engine) as conn:  # as init_db does: one transaction, one migrating process
             run(conn)
-            conn.commit()
     finally:
         engine.dispose()

@@ -20,6 +20,7 @@ import logging
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.schema import SchemaItem
 
 revision: str = "0001_baseline"
 down_revision: str | None = None
@@ -35,7 +36,7 @@ def _when() -> sa.DateTime:
     return sa.DateTime(timezone=True)
 
 
-def _run_state(table: str) -> list[sa.SchemaItem]:
+def _run_state(table: str) -> list[SchemaItem]:
     """The columns and page indexes that jobs and sweeps share (``service.db.RunState``)."""
     return [
         sa.Column("id", sa.String(36), primary_key=True),
