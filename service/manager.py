@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs, registry, runs, sweeps
@@ -104,22 +105,25 @@ class _JobRun:
             eta = self.eta_s()
         if not points and replace_from is None:
             return
-        try:
-            with self.manager.session_factory() as session:
+        with self.manager.session_factory() as session:
+            try:
                 jobs.record_progress(session=session, job_id=self.run_id, points=points, eta_s=eta,
                                      replace_from=replace_from)
-                # A cancel requested through another process reaches us here, at most one flush late.
+            except jobs.ProgressNotRecorded as exc:
+                # Nothing was written (the database locked or unreachable for longer than the retries):
+                # a failed write never fails the job; the points wait in front of the buffer for the next flush.
+                logger.warning("job %s: %s; kept for the next flush", self.run_id, exc)
+                with self.lock:
+                    self.buffer[:0] = points
+                    if replace_from is not None:
+                        self.replaced = False
+                return
+            try:  # a cancel requested through another process reaches us here, at most one flush late
                 if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):
                     self.cancel.set()
-        except Exception:
-            # A failed write (the database locked or unreachable for a moment) never fails the job:
-            # the points go back in front of the buffer and the next flush writes them.
-            logger.warning("job %s: writing %d report(s) failed; kept for the next flush", self.run_id, len(points),
-                           exc_info=True)
-            with self.lock:
-                self.buffer[:0] = points
-                if replace_from is not None:
-                    self.replaced = False
+            except SQLAlchemyError:
+                logger.warning("job %s: the cancel flag was not read; asked again at the next flush", self.run_id,
+                               exc_info=True)
 
 
 class JobManager(RunQueue[Job]):

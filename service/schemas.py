@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db import ApiKey, Job, Model, RunState, Sweep
-from workers.spec import JobSpec
+from workers.spec import NAME_PATTERN, JobSpec
 from workers.sweep_spec import SweepSpec, TrialStatus
 
 JobCreate = JobSpec
@@ -238,7 +238,7 @@ class AdaptedPublic(_Out):
 class KeyCreate(_In):
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                         description="the tenant the key acts for")
-    name: str = Field("key", min_length=1, max_length=200, description="a label for the key")
+    name: str = Field("key", min_length=1, max_length=200, pattern=NAME_PATTERN, description="a label for the key")
 
 
 class KeyPublic(_Out):

@@ -156,7 +156,8 @@ def test_a_failed_metrics_write_keeps_the_points_and_the_job_succeeds(shared, mo
     def flaky(**kwargs):
         if failures["left"]:
             failures["left"] -= 1
-            raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
+            locked = OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+            raise jobs.ProgressNotRecorded(kwargs["job_id"], 1, locked)
         return real(**kwargs)
 
     monkeypatch.setattr(jobs, "record_progress", flaky)

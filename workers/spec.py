@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Algorithm = Literal["maml", "fomaml", "reptile"]
+# Names are stored in text columns, and PostgreSQL's text cannot hold a NUL character.
+NAME_PATTERN = r"^[^\x00]+$"
 
 
 class _Spec(BaseModel):
@@ -173,7 +175,7 @@ class CheckpointSpec(_Spec):
 class JobSpec(_Spec):
     """A meta-training job. ``JobSpec.model_validate(json)`` is the only way specs enter the system."""
 
-    name: str = Field("job", min_length=1, max_length=200, description="a human-readable name")
+    name: str = Field("job", min_length=1, max_length=200, pattern=NAME_PATTERN, description="a human-readable name")
     algorithm: Algorithm = Field("maml", description="maml (second order), fomaml or reptile")
     task: TaskSpec = Field(default_factory=SinusoidTask, description="the task family and its shape")
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="mlp"), description="the model")

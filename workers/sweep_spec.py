@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from workers.spec import JobSpec
+from workers.spec import NAME_PATTERN, JobSpec
 
 _DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Metrics present in every report (reports happen at evaluations), by task kind.
@@ -105,7 +105,7 @@ class SchedulerSpec(_Spec):
 class SweepSpec(_Spec):
     """A hyperparameter sweep. ``SweepSpec.model_validate(json)`` validates the space against ``base``."""
 
-    name: str = Field("sweep", min_length=1, max_length=200, description="a human-readable name")
+    name: str = Field("sweep", min_length=1, max_length=200, pattern=NAME_PATTERN, description="a human-readable name")
     base: JobSpec = Field(default_factory=lambda: JobSpec.model_validate({}),
                           description="the job every trial starts from")
     space: dict[str, Domain] = Field(
