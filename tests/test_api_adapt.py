@@ -48,8 +48,8 @@ def register_classifier(client: TestClient, tenant: str = "admin") -> str:
 
     trainer = Trainer.__new__(Trainer)
     trainer.program = SupervisedProgram.__new__(SupervisedProgram)
-    trainer.program.family = _ImageFamily()
-    trainer.spec, trainer.iteration, trainer.eval_metrics = spec, 0, {}
+    trainer.program.family, trainer.program.stale = _ImageFamily(), False
+    trainer.spec, trainer.iteration, trainer.eval_metrics, trainer.group = spec, 0, {}, None
     trainer.model = build_model(spec.model, input_shape=(1, 28, 28), output_dim=5)
     export = trainer.export(run_dir / "model")
     with services.session_factory() as session:

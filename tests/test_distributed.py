@@ -39,16 +39,18 @@ def _run(spec: JobSpec, run_dir: Path, **kw):
 
 
 def test_one_and_two_workers_give_the_same_parameters(ray_cluster, tmp_path: Path) -> None:
+    """1 and 2 Ray workers (the all-reduce aggregator, every worker stepping its own copy) and the
+    in-process engine (the driver aggregating) end at the same parameters."""
     results = {}
-    for workers in (1, 2):
+    for name, workers, use_ray in [("local", 1, False), ("ray1", 1, True), ("ray2", 2, True)]:
         spec = _spec(resources={"workers": workers})
-        result = _run(spec, tmp_path / f"w{workers}")
+        result = _run(spec, tmp_path / name, use_ray=use_ray)
         assert result.iteration == 10
-        results[workers] = load_file(str(result.model_dir / "model.safetensors"))
-    for name, p1 in results[1].items():
-        p2 = results[2][name]
-        rel = (p1 - p2).norm() / p1.norm()
-        assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
+        results[name] = load_file(str(result.model_dir / "model.safetensors"))
+    for other in ("ray1", "ray2"):
+        for name, p1 in results["local"].items():
+            rel = (p1 - results[other][name]).norm() / p1.norm()
+            assert rel < 1e-5, f"{other} {name}: relative difference {rel:.2e}"
 
 
 def test_killed_worker_restarts_group_and_resumes_from_checkpoint(ray_cluster, tmp_path: Path) -> None:

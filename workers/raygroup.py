@@ -68,6 +68,8 @@ def gather(refs: list) -> list:
             raise WorkerLost(f"a worker died: {cause}") from exc
         if isinstance(cause, NonFiniteLossError):
             raise NonFiniteLossError(str(cause)) from exc
+        if isinstance(cause, WorkerError):  # already says what failed (a peer's error, all-reduced)
+            raise WorkerError(str(cause)) from exc
         raise WorkerError(f"{type(cause).__name__}: {cause}") from exc
     except RayActorError as exc:
         raise WorkerLost(f"a worker died: {exc}") from exc
@@ -80,6 +82,8 @@ def _resources(res: dict[str, float]) -> str:
 class LocalGroup:
     """One worker in this process (rank 0 of 1): the same interface as ``WorkerGroup``."""
 
+    collective = False
+
     def __init__(self, worker: Any) -> None:
         self.workers = [worker]
         self.pids = [os.getpid()]
@@ -89,6 +93,9 @@ class LocalGroup:
 
     def call(self, method: str, *args: Any) -> list:
         return [getattr(w, method)(*args) for w in self.workers]
+
+    def first(self, method: str, *args: Any) -> Any:
+        return getattr(self.workers[0], method)(*args)
 
     def close(self) -> None:
         self.workers = []
@@ -105,12 +112,13 @@ class WorkerGroup:
 
     def __init__(self, cls: type, spec: Any, *, world: int, cpus: float, gpus: float,
                  start_timeout_s: float = 600.0, should_stop: Callable[[], bool] | None = None,
-                 **context: Any) -> None:
+                 collective: bool = False, **context: Any) -> None:
         import ray
 
         remote = ray.remote(cls)
         self.workers: list = []
         self.pids: list[int] = []
+        self.collective = collective
         try:
             for rank in range(world):
                 self.workers.append(remote.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
@@ -127,6 +135,11 @@ class WorkerGroup:
                         f"worker(s) x {cpus:g} CPU, {gpus:g} GPU; the Ray cluster has "
                         f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free")
             self.pids = gather(refs)
+            if collective and world > 1:
+                # One torch.distributed process group over the workers, rendezvous at rank 0.
+                address, port = gather([self.workers[0].rendezvous.remote()])[0]
+                backend = "nccl" if gpus > 0 else "gloo"
+                gather([w.join.remote(address, port, backend) for w in self.workers])
         except BaseException:
             self.close()
             raise
@@ -140,6 +153,10 @@ class WorkerGroup:
         """``method(*args)`` on every worker, results in rank order."""
         return gather([getattr(w, method).remote(*args) for w in self.workers])
 
+    def first(self, method: str, *args: Any) -> Any:
+        """``method(*args)`` on rank 0 only."""
+        return gather([getattr(self.workers[0], method).remote(*args)])[0]
+
     def close(self) -> None:
         import ray
 
@@ -152,7 +169,30 @@ class WorkerGroup:
 
 
 class Worker:
-    """Base of the classes a group runs: ``pid`` and ``peak_rss_bytes`` for observability."""
+    """Base of the classes a group runs (``rank`` of ``world``): observability, and joining the
+    group's collective (``torch.distributed``) process group."""
+
+    rank: int
+    world: int
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Where the process group meets (rank 0): this node's address and a free port."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, address: str, port: int, backend: str) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world, timeout=timedelta(minutes=10))
 
     def pid(self) -> int:
         return os.getpid()

@@ -93,9 +93,12 @@ class Trainer:
             res = spec.resources
             self.group: LocalGroup | WorkerGroup = WorkerGroup(
                 self.program.worker_cls, spec, world=res.workers, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
-                start_timeout_s=start_timeout_s, should_stop=self.should_stop, **self.program.worker_context)
+                start_timeout_s=start_timeout_s, should_stop=self.should_stop, collective=self.program.collective,
+                **self.program.worker_context)
         else:
             self.group = LocalGroup(self.program.local_worker())
+        if self.group.workers:  # (none when a cancel ended the wait for the cluster)
+            self.program.attach(self.group)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.checkpoint_dir)
@@ -113,6 +116,7 @@ class Trainer:
         logger.info("resumed %s from %s at iteration %d", self.spec.name, ckpt.path, ckpt.iteration)
 
     def checkpoint(self) -> Path | str:
+        self.program.sync(self.group)
         optimizer = self.optimizer
         return save_checkpoint(self.checkpoint_dir, Checkpoint(
             iteration=self.iteration,
@@ -124,6 +128,7 @@ class Trainer:
         ), keep=self.spec.checkpoint.keep)
 
     def evaluate(self) -> dict[str, float]:
+        self.program.sync(self.group)
         return self.program.evaluate()
 
     def _evaluates(self, iteration: int) -> bool:
@@ -175,6 +180,7 @@ class Trainer:
 
     def export(self, directory: Path) -> Path:
         """The trained model: ``model.safetensors`` plus ``model.json`` (spec, shapes, metrics)."""
+        self.program.sync(self.group)
         return save_export(directory, self.model.state_dict(), {
             "spec": self.spec.model_dump(mode="json"),
             "iteration": self.iteration,

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.aggregator import GradientSum, apply_meta_update, flatten, mean, unflatten
+from workers.aggregator import GradientSum, allreduce_mean, apply_meta_update, flatten, mean, unflatten
 from workers.engine import shard_meta_gradient
-from workers.errors import TrainingError
+from workers.errors import NonFiniteLossError, TrainingError, WorkerError
 from workers.evaluation import meta_test
 from workers.inner import Params
 from workers.models import build_model
@@ -80,7 +80,11 @@ def device_for(spec: JobSpec) -> torch.device:
 class ShardWorker(Worker):
     """One worker of a job: builds the task family and model once, then computes shards.
 
-    ``built`` hands an in-process worker the driver's own family and model instead of a second copy.
+    In a Ray group (``train_step``) it holds its own copy of the parameters and meta-optimizer:
+    its shard's meta-gradients are all-reduced with the other workers' and every worker takes the
+    same step, so only the iteration number travels from the driver. In process (``compute``) it
+    returns its shard's sum for the driver to aggregate. ``built`` hands an in-process worker the
+    driver's own family and model instead of a second copy.
     """
 
     def __init__(self, spec: JobSpec, rank: int, world: int, *, data_root: str | None = None,
@@ -97,6 +101,45 @@ class ShardWorker(Worker):
         self.model.to(self.device)
         self.kwargs = engine_kwargs(self.spec, self.family.loss)
         self.names = [n for n, _ in self.model.named_parameters()]
+        self.parameters = dict(self.model.named_parameters())
+        self.optimizer, self.schedule = make_optimizer(self.spec, self.parameters.values())
+
+    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], iteration: int) -> None:
+        """The driver's state (a fresh or a resumed run) before the first ``train_step``."""
+        self.model.load_state_dict({k: v.to(self.device) for k, v in model.items()}, strict=True)
+        self.optimizer.load_state_dict(optimizer)
+        self.schedule.last_epoch = iteration
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The parameters and optimizer state, for the driver's checkpoints, evaluations and export."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, self.optimizer.state_dict()
+
+    def train_step(self, iteration: int, before: bool) -> tuple[dict[str, float], int]:
+        """One meta-iteration of the group: this shard's meta-gradients, the all-reduce with the other
+        workers' (``aggregator.allreduce_mean``) and the same meta-optimizer step on every worker."""
+        params = {k: v.detach() for k, v in self.parameters.items()}
+        buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+        flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch_dtype(self.spec), device=self.device)
+        metrics: dict[str, float] = {}
+        count, error = 0, None
+        try:
+            tasks = sample_shard(self.family, self.spec, iteration, self.rank, self.world, self.device)
+            total = shard_meta_gradient(self.model, params, buffers, tasks, before=before, **self.kwargs)
+            if total.count:
+                flat = flatten(total.grads, self.names)
+            metrics, count = total.metrics, total.count
+        except NonFiniteLossError as exc:  # every worker must reach the all-reduce: the error goes with it
+            error = exc
+        except Exception as exc:
+            error = WorkerError(f"{type(exc).__name__}: {exc}")
+        mean_flat, metrics, count = allreduce_mean(flat, metrics, count, error)
+        grads = unflatten(mean_flat, params)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            raise NonFiniteLossError("non-finite meta-gradient")
+        apply_meta_update(self.parameters, self.optimizer, grads)
+        self.schedule.step()
+        metrics["meta/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics, count
 
     def compute(self, state: tuple[Params, Params], iteration: int,
                 before: bool = True) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -113,6 +156,7 @@ class SupervisedProgram:
 
     worker_cls = ShardWorker
     diverged = "non-finite loss"  # how the loop names a NonFiniteLossError
+    collective = True  # its Ray workers all-reduce their meta-gradients and step themselves
 
     def __init__(self, spec: JobSpec, *, data_root: Path | None = None, cache_dir: Path | None = None,
                  allowed_modules: Iterable[str] | None = None, device: torch.device | None = None) -> None:
@@ -123,6 +167,7 @@ class SupervisedProgram:
         self.module.to(self.device)
         self.parameters = dict(self.module.named_parameters())
         self.optimizer, self.schedule = make_optimizer(spec, self.parameters.values())
+        self.stale = False  # the workers of a collective group are ahead of the driver's copy
         self.worker_context = dict(data_root=str(data_root) if data_root else None,
                                    cache_dir=str(cache_dir) if cache_dir else None,
                                    allowed_modules=list(allowed_modules) if allowed_modules is not None else None,
@@ -135,8 +180,30 @@ class SupervisedProgram:
         return ({k: v.detach() for k, v in self.parameters.items()},
                 {k: v.detach() for k, v in self.module.named_buffers()})
 
+    def attach(self, group: Any) -> None:
+        """A Ray group starts from the driver's parameters and optimizer state (a resume's too)."""
+        self.stale = False
+        if group.collective:
+            model = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            group.call("load", group.share(model), self.optimizer.state_dict(), self.schedule.last_epoch)
+
+    def sync(self, group: Any) -> None:
+        """The workers' parameters and optimizer state back in the driver (before a checkpoint, an
+        evaluation or the export): only then does anything but the iteration number travel."""
+        if self.stale and group.collective:
+            model, optimizer = group.first("state")
+            self.module.load_state_dict({k: v.to(self.device) for k, v in model.items()}, strict=True)
+            self.optimizer.load_state_dict(optimizer)
+            self.stale = False
+
     def step(self, group: Any, iteration: int, *, before: bool) -> tuple[dict[str, float], int]:
-        """One meta-iteration: fan out, aggregate, meta-update. Its metrics and the tasks it saw."""
+        """One meta-iteration: fan out, aggregate, meta-update. Its metrics and the tasks it saw.
+
+        A Ray group all-reduces and steps on the workers; in process the driver aggregates."""
+        if group.collective:
+            metrics, count = group.call("train_step", iteration, before)[0]  # the same on every worker
+            self.stale = True
+            return metrics, count
         params, buffers = self.state()
         shared = group.share(({k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in buffers.items()}))
         sums = []

@@ -114,6 +114,7 @@ class RLProgram:
 
     worker_cls = RolloutWorker
     diverged = "policy diverged"  # how the loop names a NonFiniteLossError
+    collective = False  # TRPO needs the whole meta-batch's rollouts in one place: the driver
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -132,6 +133,12 @@ class RLProgram:
 
     def resume(self, iteration: int) -> None:
         pass  # no schedule: the optimizer state (Adam's) is all there is
+
+    def attach(self, group: Any) -> None:
+        pass  # the workers only sample, with the parameters of each iteration
+
+    def sync(self, group: Any) -> None:
+        pass  # the driver holds the parameters
 
     def step(self, group: Any, iteration: int, *, before: bool) -> tuple[dict[str, float], int]:
         """Sample (fanned out), then the meta-update. Its metrics and the tasks it saw."""
