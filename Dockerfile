@@ -6,7 +6,11 @@ FROM ${BASE}
 
 ARG TORCH_SPEC="torch>=2.13"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Production by default: the service refuses to start without a strong MAML_ADMIN_TOKEN. To try the
+# image locally: --build-arg MAML_ENV=development, or docker run -e MAML_ENV=development.
+ARG MAML_ENV=production
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    MAML_ENV=${MAML_ENV} \
     MAML_DATA_DIR=/var/lib/maml \
     MAML_CACHE_DIR=/var/cache/maml
 
