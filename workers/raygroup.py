@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to Ray once per process: the cluster at ``address`` (Ray itself also reads
-    ``RAY_ADDRESS``), else a local cluster sized to this machine.
+    """Connect to Ray once per process: the cluster at ``address``, else a new local cluster sized
+    to this machine (``RAY_ADDRESS`` is read by the entry points: ``Settings.ray_address``,
+    ``python -m workers train``).
 
     Ray 2.60 turns on token authentication for local clusters and generates the token itself; to
     join a cluster that uses token auth, ``ray.init`` reads ``RAY_AUTH_TOKEN`` from the environment.
@@ -47,9 +48,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         logger.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        logger.info("starting or joining a Ray cluster (%s CPUs if started here)", num_cpus or "all")
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING, configure_logging=True)
+        logger.info("starting an embedded Ray cluster with %s CPUs", num_cpus or "all")
+        # address="local": a cluster of our own, never one a `ray start` left on this machine
+        # (ray.init() without an address would join that, or fail on its stale address file).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 runtime_env=runtime_env, logging_level=logging.WARNING, configure_logging=True)
 
 
 def gather(refs: list) -> list:
