@@ -102,11 +102,12 @@ class ShardWorker(Worker):
         self.kwargs = engine_kwargs(self.spec, self.family.loss)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.parameters = dict(self.model.named_parameters())
-        self.optimizer, self.schedule = make_optimizer(self.spec, self.parameters.values())
 
     def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], iteration: int) -> None:
-        """The driver's state (a fresh or a resumed run) before the first ``train_step``."""
+        """The driver's state (a fresh or a resumed run) before the first ``train_step``; only a
+        worker of a collective group steps, so only it has a meta-optimizer."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in model.items()}, strict=True)
+        self.optimizer, self.schedule = make_optimizer(self.spec, self.parameters.values())
         self.optimizer.load_state_dict(optimizer)
         self.schedule.last_epoch = iteration
 
