@@ -100,7 +100,9 @@ def create_job(*, session: Session, tenant: str, spec: JobSpec) -> Job:
 def _metrics_filter(statement: Any, job_id: str, since: int | None, after_id: int | None) -> Any:
     statement = statement.where(JobMetric.job_id == job_id)
     if since is not None:
-        statement = statement.where(JobMetric.iteration > since)
+        # The column is 32-bit (PostgreSQL refuses a larger bound) and no job gets near it
+        # (outer.iterations <= 10^7): a larger ``since`` still means "nothing after it".
+        statement = statement.where(JobMetric.iteration > min(since, 2**31 - 1))
     if after_id is not None:
         statement = statement.where(JobMetric.id > after_id)
     return statement

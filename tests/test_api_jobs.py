@@ -62,6 +62,8 @@ def test_sinusoid_job_trains_registers_and_adapts(client: TestClient, admin_head
     assert evals == [30, 60]
     later = client.get(f"{API}/jobs/{job['id']}/metrics", params={"since": 50, "limit": 3}, headers=headers).json()
     assert [p["iteration"] for p in later["data"]] == [51, 52, 53] and later["count"] == 10
+    beyond = client.get(f"{API}/jobs/{job['id']}/metrics", params={"since": 2**40}, headers=headers)
+    assert beyond.status_code == 200 and beyond.json() == {"data": [], "count": 0}  # past a 32-bit column
 
     model = client.get(f"{API}/models/{done['model_id']}", headers=headers).json()
     assert model["job_id"] == job["id"] and model["tenant"] == "acme" and model["kind"] == "regression"
