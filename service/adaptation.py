@@ -9,7 +9,8 @@ Image models take base64 PNG or JPEG strings, preprocessed by the task family's 
 an uploaded image becomes exactly the tensor training would have made of it.
 
 The work runs on a pool of ``adapt_max_concurrency`` threads, off the event loop. At most
-``adapt_queue_limit`` more queries wait; beyond that the answer is 429 with Retry-After.
+``adapt_queue_limit`` more queries wait; beyond that the answer is 429 with Retry-After. Loaded
+models are cached, least recently used evicted, within ``model_cache_bytes`` of tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from prometheus_client import Gauge
 from safetensors.torch import load_file, save_file
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
@@ -68,6 +70,9 @@ class LoadedModel:
     output_dim: int
     loss: str
     dtype: torch.dtype
+    # Bytes of params and buffers (tensor_bytes): what the model costs the cache. Not counted: the
+    # module copy each pool thread that adapts it keeps (module_for_thread), tensors included.
+    nbytes: int
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
@@ -100,6 +105,20 @@ class LoadedPolicy:
 _RL_TASK_KEYS = {"nav2d": "goal", "halfcheetah_vel": "velocity", "halfcheetah_dir": "direction"}
 
 
+def tensor_bytes(*groups: Params) -> int:
+    """Bytes held by the tensors of ``groups`` (parameters, buffers), each storage counted once.
+
+    ``params`` and ``buffers`` are detached views of the module's own tensors, so this is what the
+    loaded model holds, not twice it. Tied weights share a storage and count once.
+    """
+    storages: dict[tuple[torch.device, int], int] = {}
+    for group in groups:
+        for t in group.values():
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel | LoadedPolicy:
     spec = JobSpec.model_validate(row.spec)
     if spec.is_rl:
@@ -115,7 +134,8 @@ def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel 
     params = {n: p.detach() for n, p in module.named_parameters()}
     buffers = {n: b.detach() for n, b in module.named_buffers()}
     return LoadedModel(id=row.id, tenant=row.tenant, spec=spec, module=module, params=params, buffers=buffers,
-                       input_shape=tuple(row.input_shape), output_dim=row.output_dim, loss=row.loss, dtype=dtype)
+                       input_shape=tuple(row.input_shape), output_dim=row.output_dim, loss=row.loss, dtype=dtype,
+                       nbytes=tensor_bytes(params, buffers))
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -254,7 +274,8 @@ def intra_op_threads(max_concurrency: int) -> int:
 
 
 class Adapter:
-    """Adaptation queries over the registry, with an LRU cache of loaded models and bounded concurrency."""
+    """Adaptation queries over the registry, with an LRU cache of loaded models (bounded in bytes) and
+    bounded concurrency."""
 
     def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session],
                  metrics: ServiceMetrics | None = None) -> None:
@@ -273,14 +294,23 @@ class Adapter:
         threads = intra_op_threads(settings.adapt_max_concurrency)
         self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
                                         initializer=torch.set_num_threads, initargs=(threads,))
-        self._cache: OrderedDict[str, LoadedModel | LoadedPolicy] = OrderedDict()
+        # Least recently used first; _cached_bytes is the sum of their nbytes (both under _cache_lock).
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cached_bytes = 0
         self._cache_lock = threading.Lock()
+        Gauge("maml_adapt_model_cache_bytes", "Bytes of the models cached for adaptation (parameters and buffers)",
+              registry=self.metrics.registry).set_function(lambda: self._cached_bytes)
         self._in_flight = 0
         self._admission = threading.Lock()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes of the cached models' tensors, at most ``model_cache_bytes``."""
+        return self._cached_bytes
 
     @property
     def capacity(self) -> int:
@@ -315,22 +345,45 @@ class Adapter:
             self.metrics.adapt_latency.observe(time.perf_counter() - start)
 
     def model(self, model_id: str, scope: str | None) -> LoadedModel | LoadedPolicy:
-        """The loaded model (cached, least recently used evicted), or NotFound for another tenant."""
+        """The loaded model (cached, least recently used evicted), or NotFound for another tenant.
+
+        RL policies are not cached: they hold no tensors here (``adapt_exported`` reads the weights
+        at each query), so a bound in bytes would not bound them, and loading one is a database row.
+        """
         with self._cache_lock:
-            loaded = self._cache.get(model_id)
-            if loaded is not None:
+            cached = self._cache.get(model_id)
+            if cached is not None:
                 self._cache.move_to_end(model_id)
-        if loaded is None:
-            with self.session_factory() as session:
-                row = registry.get_model(session=session, model_id=model_id, scope=scope)
-            loaded = load_model(row, allowed_modules=self.settings.model_allowlist)
-            with self._cache_lock:
-                self._cache[model_id] = loaded
-                while len(self._cache) > self.settings.model_cache_size:
-                    self._cache.popitem(last=False)
-        elif scope is not None and loaded.tenant != scope:
-            raise NotFound("model", model_id)  # the same answer as the database path gives
+        if cached is not None:
+            if scope is not None and cached.tenant != scope:
+                raise NotFound("model", model_id)  # the same answer as the database path gives
+            return cached
+        with self.session_factory() as session:
+            row = registry.get_model(session=session, model_id=model_id, scope=scope)
+        loaded = load_model(row, allowed_modules=self.settings.model_allowlist)
+        if isinstance(loaded, LoadedModel):
+            self._remember(loaded)
         return loaded
+
+    def _remember(self, model: LoadedModel) -> None:
+        """Cache ``model`` as the most recently used, evicting the least recently used ones until the
+        cached models' bytes are within ``model_cache_bytes``; a model larger than that alone is not cached."""
+        limit = self.settings.model_cache_bytes
+        if model.nbytes > limit:
+            logger.warning("model %s holds %d bytes of tensors, more than the adaptation cache's %d "
+                           "(MAML_MODEL_CACHE_BYTES): served without caching, so each query loads it again",
+                           model.id, model.nbytes, limit)
+            return
+        with self._cache_lock:
+            previous = self._cache.pop(model.id, None)  # another thread loaded it meanwhile
+            if previous is not None:
+                self._cached_bytes -= previous.nbytes
+            self._cache[model.id] = model
+            self._cached_bytes += model.nbytes
+            while self._cached_bytes > limit:  # never evicts `model` itself: it fits alone
+                evicted_id, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted.nbytes
+                logger.debug("adaptation cache: evicted model %s (%d bytes)", evicted_id, evicted.nbytes)
 
     def adapt_sync(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
         settings = self.settings

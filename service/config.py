@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     adapt_max_steps: int = Field(1000, ge=0, description="most adaptation steps in one query")
     adapt_max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest uploaded image (width x height) before decoding")
-    model_cache_size: int = Field(8, ge=1, description="loaded models kept in memory for adaptation")
+    model_cache_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="bytes of loaded models (their parameters and buffers) kept in "
+        "memory for adaptation, least recently used evicted; a larger model is served without being cached")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies answer 413")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is remembered")
 
