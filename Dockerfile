@@ -14,6 +14,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     MAML_DATA_DIR=/var/lib/maml \
     MAML_CACHE_DIR=/var/cache/maml
 
+# The Ray images run as their user ray (uid 1000): root to install and add the user; USER maml
+# below drops it again.
+USER root
 WORKDIR /app
 RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
@@ -21,8 +24,15 @@ COPY service ./service
 COPY workers ./workers
 COPY api ./api
 COPY cli ./cli
+# The user maml has uid 1000, the uid deploy/ runs the pods as. Where the base image already has a
+# uid 1000 (rayproject/ray: ray, group users, owner of the Python in /home/ray/anaconda3), maml is a
+# second name for it, with its group and home, rather than a new uid that might not run that Python.
 RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 1000 maml \
+    && if getent passwd maml >/dev/null; then :; \
+       elif ! getent passwd 1000 >/dev/null; then useradd --create-home --uid 1000 maml; \
+       else useradd --non-unique --uid 1000 --gid "$(getent passwd 1000 | cut -d: -f4)" \
+                    --home-dir "$(getent passwd 1000 | cut -d: -f6)" --no-create-home maml; fi \
+    && { [ "$(id -u maml)" = 1000 ] || { echo "user maml exists with uid $(id -u maml), not 1000" >&2; exit 1; }; } \
     && mkdir -p /var/lib/maml /var/cache/maml && chown -R maml /var/lib/maml /var/cache/maml
 USER maml
 EXPOSE 8000
