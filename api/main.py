@@ -12,7 +12,6 @@ trains in-process, so they need no Ray cluster.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,7 +28,7 @@ from service.adaptation import Adapter
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine, make_session_factory
 from service.keys import Authenticator
-from service.manager import JobManager, RunFn, SweepManager
+from service.manager import JobManager, RunFn, SweepManager, default_run_fn
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -40,10 +39,9 @@ Backend = Callable[[Settings], RunFn]
 def ray_backend(settings: Settings) -> RunFn:
     """Connect to Ray (or start an embedded local cluster) and train jobs on it."""
     from workers.raygroup import ensure_ray
-    from workers.run import run_training
 
     ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)
-    return functools.partial(run_training, worker_start_timeout_s=settings.worker_start_timeout_s)
+    return default_run_fn(settings)
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend = ray_backend) -> FastAPI:

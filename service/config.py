@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("MAML_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
         description="Ray cluster to join (or RAY_ADDRESS); default: an embedded local one")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray cluster (default: all)")
+    drivers: Literal["process", "ray"] | None = Field(
+        None, description="where jobs and sweeps are driven: 'ray', a detached actor per run on the Ray cluster "
+        "(stopping or killing a replica interrupts no training), or 'process', threads of this process; "
+        "default: 'ray' with MAML_RAY_ADDRESS, else 'process'")
+    driver_cpus: float = Field(
+        0.25, ge=0, le=64, description="CPUs each driver actor reserves on Ray; above 0, no driver is placed on "
+        "a node that offers none (the head, the API replicas' nodes)")
     max_concurrent_jobs: int = Field(1, ge=1, le=256, description="jobs trained at the same time")
     max_job_attempts: int = Field(
         3, ge=1, le=100, description="starts of one job (restarts included) before it is marked failed")
@@ -143,6 +150,10 @@ class Settings(BaseSettings):
         return value
 
     # -- derived paths ---------------------------------------------------------------------------
+
+    @property
+    def driver_placement(self) -> Literal["process", "ray"]:
+        return self.drivers or ("ray" if self.ray_address else "process")
 
     @property
     def storage_path(self) -> Path:

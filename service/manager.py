@@ -17,6 +17,7 @@ Tune state continues with ``resume=True``; a resume that fails marks the sweep f
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -48,6 +49,13 @@ class RunFn(Protocol):
                  should_stop: Callable[[], bool], data_root: Path | None = None, cache_dir: Path | None = None,
                  allowed_modules: Iterable[str] | None = None, report_every: int = 1,
                  checkpoint_dir: str | Path | None = None) -> TrainResult: ...
+
+
+def default_run_fn(settings: Settings) -> RunFn:
+    """``workers.run.run_training`` on the connected Ray cluster, with the settings' start-up timeout."""
+    from workers.run import run_training
+
+    return functools.partial(run_training, worker_start_timeout_s=settings.worker_start_timeout_s)
 
 
 def _flush_quietly(run: _JobRun | _SweepRun, kind: str) -> None:
@@ -141,11 +149,13 @@ class JobManager(RunQueue[Job]):
         self.run_fn = run_fn
         self.metrics = metrics or ServiceMetrics()
 
+    @classmethod
+    def for_driver(cls, *, settings: Settings, session_factory: sessionmaker[Session]) -> JobManager:
+        return cls(settings=settings, session_factory=session_factory, run_fn=default_run_fn(settings))
+
     def start(self) -> None:
         if self.run_fn is None and not self._threads:
-            from workers.run import run_training
-
-            self.run_fn = run_training
+            self.run_fn = default_run_fn(self.settings)
         super().start()
 
     def interrupted_detail(self, row: Job) -> str:

@@ -100,18 +100,35 @@ def is_cancel_requested(*, session: Session, table: type[RunState], run_id: str)
     return bool(session.scalar(select(table.cancel_requested).where(table.id == run_id)))
 
 
-def claim_run(*, session: Session, table: type[R], run_id: str, owner: str = "", ttl_s: float = 0.0) -> R | None:
+def count_running(*, session: Session, table: type[RunState]) -> int:
+    return session.scalar(select(func.count()).select_from(table).where(table.status == "running")) or 0
+
+
+def claim_run(*, session: Session, table: type[R], run_id: str, owner: str = "", ttl_s: float = 0.0,
+              max_running: int | None = None) -> R | None:
     """queued -> running with ``owner``'s lease, atomically; None if the run is no longer queued
-    (cancelled, or claimed by another queue meanwhile)."""
+    (cancelled, or claimed by another driver meanwhile), or if ``max_running`` runs are running."""
     now = utcnow()
+    where = [table.id == run_id, table.status == "queued"]
+    if max_running is not None:  # the service-wide limit, checked in the same statement
+        running = select(func.count()).select_from(table).where(table.status == "running").scalar_subquery()
+        where.append(running < max_running)
     changed = session.execute(
-        update(table).where(table.id == run_id, table.status == "queued")
+        update(table).where(*where)
         .values(status="running", attempts=table.attempts + 1, started_at=now, error=None, lease_owner=owner or None,
                 lease_expires_at=now + timedelta(seconds=ttl_s) if owner else None, **dict.fromkeys(table.run_only)))
     session.commit()
     if changed.rowcount == 0:  # type: ignore[attr-defined]
         return None
     return session.get(table, run_id, populate_existing=True)
+
+
+def fail_queued(*, session: Session, table: type[RunState], run_id: str, error: str) -> bool:
+    """queued -> failed (a driver that cannot start); False if the run is no longer queued."""
+    changed = session.execute(update(table).where(table.id == run_id, table.status == "queued")
+                              .values(status="failed", error=error[:MAX_ERROR_CHARS], finished_at=utcnow()))
+    session.commit()
+    return changed.rowcount > 0  # type: ignore[attr-defined]
 
 
 def renew_leases(*, session: Session, table: type[RunState], owner: str, run_ids: list[str],
@@ -181,7 +198,12 @@ def recover_runs(*, session: Session, table: type[R], max_attempts: int,
 
 
 class RunQueue(Generic[R]):
-    """Runs the queued rows of ``table`` on ``slots`` threads, each driving one run to its end.
+    """Drives the queued rows of ``table``, each to its end, where ``settings.drivers`` says:
+
+    * ``process``: on ``slots`` threads of this process (the embedded default);
+    * ``ray``: each in a detached actor of its own on the Ray cluster (:mod:`service.drivers`), so
+      that stopping or killing this process interrupts no training. ``slots`` is then the limit
+      for the whole service, checked in the claim.
 
     A subclass says how to run one (:meth:`execute`) and how to register the model of a success
     (:meth:`register`):
@@ -189,11 +211,13 @@ class RunQueue(Generic[R]):
     >>> manager.start()            # recovers interrupted runs, starts the threads
     >>> manager.submit(run_id)     # after the row is committed as queued
     >>> manager.cancel(run_id)     # after runs.request_cancel
-    >>> manager.stop()             # running runs stop resumably and stay queued for the next start
+    >>> manager.stop()             # drivers in this process stop resumably (their runs stay queued)
 
-    A maintenance thread renews the leases of the runs this queue drives (a run whose lease was
-    lost is stopped and its outcome not written), requeues runs whose driver is gone, and picks
-    up queued runs that another replica accepted.
+    :meth:`drive` runs one run wherever it is called (a queue thread, a driver actor): it claims
+    the run with a lease in its own name, renews it every quarter of ``settings.lease_ttl_s``
+    (stopping, without writing an outcome, if the lease was lost), and reads the cancel flag at
+    the same pace. A maintenance thread requeues runs whose driver is gone, and starts drivers for
+    queued runs, another replica's included.
     """
 
     table: type[R]
@@ -204,14 +228,22 @@ class RunQueue(Generic[R]):
         self.settings = settings
         self.session_factory = session_factory
         self.slots, self.max_attempts = slots, max_attempts
+        self.placement = settings.driver_placement
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()
         self._running: dict[str, threading.Event] = {}  # run id -> its cancel flag
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a submit: dispatch now rather than at the next round
         self._threads: list[threading.Thread] = []
+        self._drivers: Any = None  # service.drivers.Launcher, with placement "ray"
         # This queue's name on its leases: unique per process and start.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def for_driver(cls, *, settings: Settings, session_factory: sessionmaker[Session]) -> RunQueue[R]:
+        """The queue a driver actor drives one run with (never started)."""
+        return cls(settings=settings, session_factory=session_factory)  # type: ignore[call-arg]
 
     # -- what a subclass provides ----------------------------------------------------------------
 
@@ -258,18 +290,28 @@ class RunQueue(Generic[R]):
         with self.session_factory() as session:
             queued = recover_runs(session=session, table=self.table, max_attempts=self.max_attempts,
                                   detail=self.interrupted_detail)
-        for run_id in queued:
-            self.submit(run_id)
-        for n in range(self.slots):
-            thread = threading.Thread(target=self._work, name=f"maml-{kind}s-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        if self.placement == "ray":
+            from service.drivers import Launcher
+
+            self._drivers = Launcher(type(self), self.settings)
+        else:
+            for run_id in queued:
+                self.submit(run_id)
+            for n in range(self.slots):
+                thread = threading.Thread(target=self._work, name=f"maml-{kind}s-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
         thread = threading.Thread(target=self._maintain, name=f"maml-{kind}s-leases", daemon=True)
         thread.start()
         self._threads.append(thread)
-        logger.info("%s manager started: %d slot(s), %d %s(s) queued", kind, len(self._threads), len(queued), kind)
+        logger.info("%s manager started: drivers in %s, %d slot(s), %d %s(s) queued", kind,
+                    "this process" if self.placement == "process" else "the Ray cluster", self.slots, len(queued),
+                    kind)
 
     def submit(self, run_id: str) -> None:
+        if self._drivers is not None:
+            self._wake.set()
+            return
         with self._lock:
             if run_id in self._pending or run_id in self._running:
                 return
@@ -283,15 +325,23 @@ class RunQueue(Generic[R]):
             cancel = self._running.get(run_id)
         if cancel is not None:
             cancel.set()
+        if self._drivers is not None:  # faster than the driver's next look at the flag
+            self._drivers.cancel(run_id)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop taking runs, ask running ones to stop (resumably), wait for them up to ``timeout`` seconds."""
+        """Stop taking runs, ask the runs driven in this process to stop (resumably), wait for them
+        up to ``timeout`` seconds. Drivers on an external Ray cluster go on; those on the embedded
+        cluster, which ends with this process, are interrupted too."""
+        self._stopping.set()
         if not self._threads:
             return
-        self._stopping.set()
+        self._wake.set()
         for _ in range(self.slots):
             self._queue.put(None)
-        deadline = time.monotonic() + (self.settings.stop_timeout_s if timeout is None else timeout)
+        wait = self.settings.stop_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        if self._drivers is not None and not self.settings.ray_address:
+            self._drivers.interrupt_all(wait)
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -312,7 +362,7 @@ class RunQueue(Generic[R]):
         logger.warning("%s %s failed: %s", self.table.kind, row.id, error, exc_info=exc)
         return "failed", {"error": error}
 
-    # -- the worker threads ----------------------------------------------------------------------
+    # -- the threads -----------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
@@ -324,48 +374,74 @@ class RunQueue(Generic[R]):
                     continue
                 self._pending.discard(run_id)
             try:
-                self._run(run_id)
+                self.drive(run_id)
             except Exception:  # bookkeeping failed (database down?): the run is recovered on restart
                 logger.exception("%s %s: the manager failed to record its run", self.table.kind, run_id)
 
     def _maintain(self) -> None:
-        """Every quarter of the lease time: renew this queue's leases, stop runs whose lease was
-        lost, requeue runs whose driver is gone, and take on queued runs (another replica's too)."""
-        ttl = self.settings.lease_ttl_s
-        while not self._stopping.wait(ttl / 4):
+        """Every quarter of the lease time (and at once after a submit, for drivers on Ray):
+        requeue runs whose driver is gone, and take on queued runs (another replica's too)."""
+        period = self.settings.lease_ttl_s / 4
+        while not self.stopping:
             try:
-                with self._lock:
-                    running = dict(self._running)
                 with self.session_factory() as session:
-                    owned = renew_leases(session=session, table=self.table, owner=self.owner,
-                                         run_ids=list(running), ttl_s=ttl)
-                    for run_id in set(running) - owned:
-                        logger.warning("%s %s: lease lost to another replica; stopping here", self.table.kind, run_id)
-                        running[run_id].set()
                     queued = recover_runs(session=session, table=self.table, max_attempts=self.max_attempts,
                                           detail=self.interrupted_detail)
-            except Exception:  # the database is unreachable for now: try again at the next round
-                logger.exception("%s queue: lease maintenance failed", self.table.kind)
-                continue
-            for run_id in queued:
-                self.submit(run_id)
+                    if self._drivers is not None:
+                        self._drivers.reconcile(session, queued, self.slots)
+            except Exception:  # the database or the cluster is unreachable for now: try again next round
+                logger.exception("%s queue: maintenance failed", self.table.kind)
+                queued = []
+            if self._drivers is None:
+                for run_id in queued:
+                    self.submit(run_id)
+            self._wake.wait(period)
+            self._wake.clear()
 
-    def _run(self, run_id: str) -> None:
+    def _keep_lease(self, run_id: str, cancel: threading.Event, done: threading.Event) -> None:
+        """While ``run_id`` is driven here: renew its lease, stop it if the lease was lost, and read its
+        cancel flag (a cancel through any replica reaches a run within a quarter of the lease time,
+        even between two reports)."""
+        ttl = self.settings.lease_ttl_s
+        while not done.wait(ttl / 4):
+            try:
+                with self.session_factory() as session:
+                    if not renew_leases(session=session, table=self.table, owner=self.owner, run_ids=[run_id],
+                                        ttl_s=ttl):
+                        logger.warning("%s %s: lease lost to another driver; stopping here", self.table.kind, run_id)
+                        cancel.set()
+                        return
+                    if is_cancel_requested(session=session, table=self.table, run_id=run_id):
+                        cancel.set()
+            except Exception:  # the database is unreachable for now: try again at the next round
+                logger.exception("%s %s: renewing its lease failed", self.table.kind, run_id)
+
+    def drive(self, run_id: str) -> str | None:
+        """Claim ``run_id`` if it is queued (and, for drivers on Ray, if fewer than ``slots`` runs are
+        running), run it to its end here and store its outcome; the outcome, or None if not claimed."""
         kind = self.table.kind
+        if self.stopping:
+            return None
         with self.session_factory() as session:
+            limit = self.slots if self.placement == "ray" else None  # on Ray: for the whole service
             row = claim_run(session=session, table=self.table, run_id=run_id, owner=self.owner,
-                            ttl_s=self.settings.lease_ttl_s)
+                            ttl_s=self.settings.lease_ttl_s, max_running=limit)
         if row is None:
-            return
-        cancel = threading.Event()
+            return None
+        cancel, done = threading.Event(), threading.Event()
         if row.cancel_requested:
             cancel.set()
         with self._lock:
             self._running[run_id] = cancel
+        keeper = threading.Thread(target=self._keep_lease, args=(run_id, cancel, done), daemon=True,
+                                  name=f"maml-{kind}-{run_id[:8]}-lease")
+        keeper.start()
         logger.info("%s %s (%s): started, attempt %d", kind, run_id, row.name, row.attempts)
         try:
             outcome, fields = self.execute(row, cancel)
         finally:
+            done.set()
+            keeper.join()
             with self._lock:
                 self._running.pop(run_id, None)
         with self.session_factory() as session:
@@ -378,13 +454,14 @@ class RunQueue(Generic[R]):
                     logger.exception("%s %s: registering %s failed", kind, run_id, self.model_label)
                     outcome = "failed"
                     fields["error"] = f"registering {self.model_label} failed: {describe_error(exc)}"
-            # The model row and the outcome commit together, and only while this queue owns the run.
+            # The model row and the outcome commit together, and only while this driver owns the run.
             if not finish_run(session=session, table=self.table, run_id=run_id, status=outcome, owner=self.owner,
                               commit=False, **fields):
                 session.rollback()
                 logger.warning("%s %s: its lease was taken over; its outcome here (%s) is dropped", kind, run_id,
                                outcome)
-                return
+                return None
             session.commit()
         self.ended(outcome)
         logger.info("%s %s: %s%s", kind, run_id, outcome, f" ({fields['error']})" if fields.get("error") else "")
+        return outcome

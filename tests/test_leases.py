@@ -96,7 +96,15 @@ def test_a_dead_replicas_job_is_taken_over_after_its_lease_expires(shared) -> No
                 raise RuntimeError("the process is gone")
         return in_process_runner(spec, reporter=report, **kwargs)
 
-    dead = JobManager(settings=settings, session_factory=factory, run_fn=dies_mid_job)
+    class DeadReplica(JobManager):
+        def _keep_lease(self, run_id, cancel, done):
+            """Renews the lease until the replica "dies" (``_stopping``), then never again."""
+            while not done.wait(self.settings.lease_ttl_s / 4) and not self.stopping:
+                with self.session_factory() as session:
+                    runs.renew_leases(session=session, table=Job, owner=self.owner, run_ids=[run_id],
+                                      ttl_s=self.settings.lease_ttl_s)
+
+    dead = DeadReplica(settings=settings, session_factory=factory, run_fn=dies_mid_job)
     dead.start()
     job_id = new_job(factory)
     dead.submit(job_id)

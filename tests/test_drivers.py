@@ -1,0 +1,160 @@
+"""Drivers on the Ray cluster (``MAML_DRIVERS=ray``, :mod:`service.drivers`), on the session's local
+cluster and both databases: a job is driven by a detached actor in another process, not by the
+queue's process; a cancel reaches it; a driver that cannot start fails its job with the cause;
+stopping the embedded service requeues the job resumably. The topology with an external cluster
+and two API processes is in ``test_topology.py``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import SMALL_SINE
+from sqlalchemy import func, select
+
+from service import runs
+from service.config import Settings
+from service.db import Job, JobMetric, Model, init_db, make_engine, make_session_factory
+from service.drivers import NAMESPACE, actor_name
+from service.jobs import create_job
+from service.manager import JobManager
+from workers.spec import JobSpec
+
+pytestmark = pytest.mark.ray
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def on_ray(settings: Settings, ray_cluster: None) -> Iterator[tuple[Settings, object]]:
+    settings = settings.model_copy(update={"drivers": "ray", "lease_ttl_s": 2.0})
+    settings.prepare()
+    engine = make_engine(settings)
+    init_db(engine)
+    yield settings, make_session_factory(engine)
+    engine.dispose()
+
+
+def new_job(factory, **changes) -> str:
+    with factory() as session:
+        return create_job(session=session, tenant="acme", spec=JobSpec.model_validate({**SMALL_SINE, **changes})).id
+
+
+def wait_for(factory, job_id: str, until, timeout: float = 120.0) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            if until(job):
+                return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} is {job.status} at iteration {job.iteration} after {timeout}s "
+                                 f"({job.error})")
+        time.sleep(0.05)
+
+
+def driver_exists(kind: str, run_id: str) -> bool:
+    import ray
+
+    return any(entry["name"] == actor_name(kind, run_id) and entry["namespace"] == NAMESPACE
+               for entry in ray.util.list_named_actors(all_namespaces=True))
+
+
+def test_a_job_is_driven_by_an_actor_on_the_cluster(on_ray) -> None:
+    settings, factory = on_ray
+    manager = JobManager(settings=settings, session_factory=factory)
+    manager.start()
+    try:
+        job_id = new_job(factory)
+        manager.submit(job_id)
+        running = wait_for(factory, job_id, lambda j: j.status in TERMINAL or (j.status == "running" and j.iteration))
+        assert driver_exists("job", job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        deadline = time.monotonic() + 30
+        while driver_exists("job", job_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not driver_exists("job", job_id)  # removed once its run ended
+    finally:
+        manager.stop()
+    # The lease was held by the driver, a process of the cluster, not by the queue's process.
+    assert running.lease_owner and running.lease_owner != manager.owner
+    assert int(running.lease_owner.split(":")[1]) != os.getpid()
+    assert manager.running == []
+    assert job.status == "succeeded" and job.attempts == 1 and job.error is None and job.model_id
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Model)) == 1
+        iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
+    assert sorted(iterations) == list(range(1, 61))
+
+
+@pytest.mark.parametrize("through", ["manager", "database"])
+def test_a_cancel_reaches_the_driver(on_ray, through: str) -> None:
+    """Through the replica that is told (it also calls the actor), or only by the flag another
+    replica set in the database (the driver reads it with its lease)."""
+    settings, factory = on_ray
+    manager = JobManager(settings=settings, session_factory=factory)
+    manager.start()
+    try:
+        job_id = new_job(factory, outer={"iterations": 1_000_000, "meta_batch_size": 4})
+        manager.submit(job_id)
+        wait_for(factory, job_id, lambda j: j.iteration >= 5)
+        start = time.monotonic()
+        with factory() as session:
+            runs.request_cancel(session=session, table=Job, run_id=job_id, scope=None)
+        if through == "manager":
+            manager.cancel(job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL, timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        manager.stop()
+    assert job.status == "cancelled" and elapsed < 10, (job.status, elapsed)
+
+
+class UnreachableDatabase(JobManager):
+    """A driver whose process cannot reach the database (say, the cluster's network)."""
+
+    @classmethod
+    def for_driver(cls, *, settings, session_factory):
+        raise ConnectionRefusedError("the database is not reachable from this node")
+
+
+def test_a_driver_that_cannot_start_fails_its_job_with_the_cause(on_ray) -> None:
+    settings, factory = on_ray
+    manager = UnreachableDatabase(settings=settings, session_factory=factory)
+    manager.start()
+    try:
+        job_id = new_job(factory)
+        manager.submit(job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL, timeout=60)
+    finally:
+        manager.stop()
+    assert job.status == "failed" and job.attempts == 0
+    assert "driver could not start" in job.error and "the database is not reachable from this node" in job.error
+
+
+def test_stopping_the_embedded_service_requeues_its_jobs_to_resume(on_ray) -> None:
+    """The embedded cluster ends with the service: its drivers stop resumably, and the next start
+    resumes the job from its checkpoint."""
+    settings, factory = on_ray
+    job_id = new_job(factory, outer={"iterations": 400, "meta_batch_size": 4}, checkpoint={"every": 10})
+    first = JobManager(settings=settings, session_factory=factory)
+    first.start()
+    try:
+        first.submit(job_id)
+        wait_for(factory, job_id, lambda j: j.iteration >= 30)
+    finally:
+        first.stop()
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "queued" and job.lease_owner is None, (job.status, job.error)
+    second = JobManager(settings=settings, session_factory=factory)
+    second.start()
+    try:
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        second.stop()
+    assert job.status == "succeeded" and job.attempts == 2
+    with factory() as session:
+        iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
+    assert sorted(iterations) == list(range(1, 401))  # the resumed iterations replaced, none twice

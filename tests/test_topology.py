@@ -1,0 +1,284 @@
+"""The production topology on one machine: an external Ray cluster (``ray start --head``, its own
+processes), API replicas as separate uvicorn processes joining it with ``MAML_RAY_ADDRESS``, one
+PostgreSQL database. Drivers run on the cluster (``MAML_DRIVERS`` defaults to ``ray`` there), so:
+
+* killing (``kill -9``) the replica that accepted a job, and then every replica, does not
+  interrupt its training: the iteration counter keeps advancing in the database while no replica
+  is alive; a new replica serves its status and events, and the job ends ``succeeded`` with one
+  model, in one attempt;
+* the same for a sweep;
+* a replica started during a job does not train it a second time;
+* a cancel through a replica that did not accept the job stops it within 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import fresh_database
+from sqlalchemy import create_engine, text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[1]
+ADMIN = "topology-admin-token-8f2a61c0"
+TERMINAL = ("succeeded", "failed", "cancelled")
+RAY = Path(sys.executable).parent / "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``ray start --head`` as a process group of its own, with token auth; its address and token as
+    the environment a replica joins it with."""
+    root = Path("/tmp") / f"maml-ray-{secrets.token_hex(3)}"  # Ray's socket paths must stay short
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ray") / "head.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
+             "--temp-dir", str(root)],
+            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield {**env, "MAML_RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        kill_group(proc)  # GCS, raylet and every worker: one process group (ray start --block doesn't
+        proc.wait(30)     # answer SIGTERM quickly, and nothing of it needs to outlive the tests)
+        shutil.rmtree(root, ignore_errors=True)
+        # `ray start` records its address for later `ray.init()` calls; nothing else here should join it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and str(port) in current.read_text():
+            current.unlink()
+
+
+class Replicas:
+    """API replicas (uvicorn processes) on one database, data folder and Ray cluster."""
+
+    def __init__(self, root: Path, database_url: str, ray_env: dict[str, str]) -> None:
+        self.root, self.database_url = root, database_url
+        self.env = {**os.environ, **ray_env, "MAML_DATABASE_URL": database_url, "MAML_DATA_DIR": str(root / "data"),
+                    "MAML_ADMIN_TOKEN": ADMIN, "MAML_METRICS_FLUSH_S": "0.2", "MAML_LEASE_TTL_S": "4",
+                    "MAML_EVENTS_POLL_S": "0.2"}
+        self.env.pop("DATABASE_URL", None)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.bases: dict[str, str] = {}
+
+    def start(self, name: str) -> str:
+        port = free_port()
+        log = (self.root / f"{name}.log").open("w")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.bases[name] = base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            if self.procs[name].poll() is not None:
+                pytest.fail(f"replica {name} exited:\n{self.log(name)}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"replica {name} was not ready in time:\n{self.log(name)}")
+            time.sleep(0.3)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def kill(self, name: str) -> None:
+        """kill -9, as a crashed pod or a lost node."""
+        proc = self.procs.pop(name)
+        kill_group(proc)
+        proc.wait(30)
+
+    def client(self, name: str, key: str) -> httpx.Client:
+        return httpx.Client(base_url=f"{self.bases[name]}/api/v1", timeout=30,
+                            headers={"Authorization": f"Bearer {key}"})
+
+    def tenant_key(self, name: str) -> str:
+        with self.client(name, ADMIN) as admin:
+            r = admin.post("/keys", json={"tenant": "acme"})
+            assert r.status_code == 201, r.text
+            return r.json()["secret"]
+
+    def row(self, table: str, run_id: str) -> dict[str, Any]:
+        """The run's row, read from the database itself (no replica needed)."""
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return dict(connection.execute(text(f"SELECT * FROM {table} WHERE id = :id"),
+                                               {"id": run_id}).mappings().one())
+        finally:
+            engine.dispose()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(proc)
+
+
+@pytest.fixture
+def replicas(ray_head: dict[str, str], tmp_path: Path) -> Iterator[Replicas]:
+    with fresh_database("postgresql") as url:
+        assert url is not None
+        group = Replicas(tmp_path, url, ray_head)
+        try:
+            yield group
+        finally:
+            group.stop_all()
+
+
+def wait_until(read: Callable[[], dict[str, Any]], until: Callable[[dict[str, Any]], bool],
+               timeout: float = 240.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not until(value := read()):
+        assert time.monotonic() < deadline, value
+        time.sleep(0.3)
+    return value
+
+
+def events(client: httpx.Client, path: str) -> list[tuple[str, Any]]:
+    """The SSE stream of a run, to its ``end`` event."""
+    received: list[tuple[str, Any]] = []
+    name = ""
+    with client.stream("GET", path, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                received.append((name, json.loads(line.split(":", 1)[1])))
+                if name == "end":
+                    break
+    return received
+
+
+JOB = {"name": "topology", "outer": {"iterations": 1500, "meta_batch_size": 4},
+       "eval": {"every": 750, "tasks": 5, "steps": 5}, "checkpoint": {"every": 100}}
+
+
+def test_killing_every_replica_does_not_interrupt_a_job(replicas: Replicas) -> None:
+    replicas.start("a")
+    replicas.start("b")
+    key = replicas.tenant_key("a")
+    with replicas.client("a", key) as a:
+        r = a.post("/jobs", json=JOB)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+    with replicas.client("b", key) as b:
+        wait_until(lambda: b.get(f"/jobs/{job_id}").json(), lambda j: j["progress"]["iteration"] >= 20)
+    # Its lease is held by its driver, a process of the cluster (host:pid:...), not by a replica.
+    owner_pid = int(replicas.row("jobs", job_id)["lease_owner"].split(":")[1])
+    assert owner_pid not in {proc.pid for proc in replicas.procs.values()}
+    replicas.kill("a")  # the replica that accepted it
+    replicas.kill("b")
+    job = replicas.row("jobs", job_id)
+    assert job["status"] == "running", job
+    before = job["iteration"]
+    later = wait_until(lambda: replicas.row("jobs", job_id), lambda j: j["iteration"] >= before + 50, timeout=60)
+    assert later["attempts"] == 1  # still the first driver, alone on the cluster
+
+    replicas.start("c")
+    with replicas.client("c", key) as c:
+        stream = events(c, f"/jobs/{job_id}/events")
+        job = c.get(f"/jobs/{job_id}").json()
+        models = c.get("/models").json()
+        series = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["data"]
+    assert stream[-1][0] == "end" and stream[-1][1]["status"] == "succeeded"
+    assert job["status"] == "succeeded" and job["attempts"] == 1 and job["error"] is None, job
+    assert [m["id"] for m in models["data"]] == [job["model_id"]]
+    iterations = [p["iteration"] for p in series]
+    assert len(iterations) == len(set(iterations)) and iterations[-1] == 1500
+
+
+def test_killing_the_replica_that_accepted_a_sweep_does_not_interrupt_it(replicas: Replicas) -> None:
+    replicas.start("a")
+    replicas.start("b")
+    key = replicas.tenant_key("a")
+    body = {"name": "topology-sweep", "base": {**JOB, "outer": {"iterations": 300, "meta_batch_size": 2},
+                                               "eval": {"every": 150, "tasks": 2, "steps": 2}},
+            "space": {"inner.lr": {"grid": [0.005, 0.01]}}, "scheduler": {"type": "none"},
+            "max_concurrent_trials": 1}
+    with replicas.client("a", key) as a:
+        r = a.post("/sweeps", json=body)
+        assert r.status_code == 201, r.text
+        sweep_id = r.json()["id"]
+    with replicas.client("b", key) as b:
+        wait_until(lambda: b.get(f"/sweeps/{sweep_id}").json(),
+                   lambda s: any(t["iteration"] >= 10 for t in s["trials"]) or s["status"] in TERMINAL)
+        replicas.kill("a")
+        progress = wait_until(lambda: b.get(f"/sweeps/{sweep_id}").json(),
+                              lambda s: s["status"] in TERMINAL or sum(t["iteration"] for t in s["trials"]) >= 300)
+        assert progress["attempts"] == 1 and progress["status"] != "failed", progress
+        stream = events(b, f"/sweeps/{sweep_id}/events")
+        sweep = b.get(f"/sweeps/{sweep_id}").json()
+        models = b.get("/models").json()
+    assert stream[-1][0] == "end"
+    assert sweep["status"] == "succeeded" and sweep["attempts"] == 1, sweep
+    assert [m["id"] for m in models["data"]] == [sweep["model_id"]]
+
+
+def test_a_replica_started_during_a_job_does_not_train_it_again_and_a_cancel_through_it_stops_a_job(
+        replicas: Replicas) -> None:
+    replicas.start("a")
+    key = replicas.tenant_key("a")
+    with replicas.client("a", key) as a:
+        first = a.post("/jobs", json={**JOB, "outer": {"iterations": 600, "meta_batch_size": 4}}).json()["id"]
+        wait_until(lambda: a.get(f"/jobs/{first}").json(), lambda j: j["progress"]["iteration"] >= 10)
+    replicas.start("b")
+    with replicas.client("b", key) as b, replicas.client("a", key) as a:
+        done = wait_until(lambda: b.get(f"/jobs/{first}").json(), lambda j: j["status"] in TERMINAL)
+        series = b.get(f"/jobs/{first}/metrics", params={"limit": 10_000}).json()["data"]
+        models = b.get("/models").json()
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        iterations = [p["iteration"] for p in series]
+        assert sorted(iterations) == list(range(1, 601))  # each once: one driver
+        assert [m["id"] for m in models["data"]] == [done["model_id"]]
+
+        second = a.post("/jobs", json={**JOB, "outer": {"iterations": 1_000_000, "meta_batch_size": 4}}).json()["id"]
+        wait_until(lambda: a.get(f"/jobs/{second}").json(), lambda j: j["progress"]["iteration"] >= 10)
+        start = time.monotonic()
+        assert b.post(f"/jobs/{second}/cancel").status_code == 202
+        cancelled = wait_until(lambda: a.get(f"/jobs/{second}").json(), lambda j: j["status"] in TERMINAL,
+                               timeout=30)
+        elapsed = time.monotonic() - start
+    assert cancelled["status"] == "cancelled" and elapsed < 10, (cancelled["status"], elapsed)
