@@ -76,7 +76,9 @@ class _JobRun:
         self.lock = threading.Lock()
         self.buffer: list[tuple[int, dict[str, float]]] = []
         self.first: tuple[int, float] | None = None  # (iteration, time) of this run's first report
-        self.replaced = False
+        # Stored points from here on are replaced at the next flush: those an interrupted run reported
+        # after the checkpoint this one resumed from, or a restarted worker group replays.
+        self.replace_from: int | None = None
         self.last_flush = time.monotonic()
         self.last_iteration = job.iteration  # the last progress stored, to count new iterations
 
@@ -88,6 +90,10 @@ class _JobRun:
         with self.lock:
             if self.first is None:
                 self.first = (iteration, now)
+                self.replace_from = iteration
+            elif iteration <= self.last_iteration:  # the worker group restarted from a checkpoint
+                self.buffer = [point for point in self.buffer if point[0] < iteration]
+                self.replace_from = min(iteration, self.replace_from or iteration)
             self.buffer.append((iteration, dict(metrics)))
             self.manager.metrics.iterations.inc(max(0, iteration - self.last_iteration))
             self.last_iteration = iteration
@@ -105,10 +111,7 @@ class _JobRun:
     def flush(self, *, force: bool = False) -> None:
         with self.lock:
             points, self.buffer = self.buffer, []
-            replace_from = None
-            if not self.replaced and self.first is not None:
-                # A resumed run starts at its checkpoint: drop what the interrupted run reported after it.
-                replace_from, self.replaced = self.first[0], True
+            replace_from, self.replace_from = self.replace_from, None
             self.last_flush = time.monotonic()
             eta = self.eta_s()
         if not points and replace_from is None:
@@ -122,9 +125,10 @@ class _JobRun:
                 # a failed write never fails the job; the points wait in front of the buffer for the next flush.
                 logger.warning("job %s: %s; kept for the next flush", self.run_id, exc)
                 with self.lock:
-                    self.buffer[:0] = points
+                    self.buffer[:0] = [point for point in points  # (less what a replay since replaces)
+                                       if self.replace_from is None or point[0] < self.replace_from]
                     if replace_from is not None:
-                        self.replaced = False
+                        self.replace_from = min(replace_from, self.replace_from or replace_from)
                 return
             try:  # a cancel requested through another process reaches us here, at most one flush late
                 if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):

@@ -182,3 +182,34 @@ def test_a_failed_metrics_write_keeps_the_points_and_the_job_succeeds(shared, mo
     with factory() as session:
         iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
     assert sorted(iterations) == list(range(1, 61))  # the points of the failed writes were written later
+
+
+def test_iterations_replayed_after_a_worker_group_restart_are_stored_once(shared) -> None:
+    """A restarted worker group resumes from the checkpoint and reports those iterations again:
+    the series keeps the replayed points, each iteration once."""
+    settings, factory = shared
+
+    def restarts_at_30(spec, *, reporter, **kwargs):
+        def report(iteration, metrics):
+            reporter(iteration, metrics)
+            if iteration == 30 and not replayed:
+                replayed.append(True)
+                for again in range(21, 31):  # what run_training's restart from the checkpoint at 20 does
+                    reporter(again, {**metrics, "meta/loss": -float(again)})
+        return in_process_runner(spec, reporter=report, **kwargs)
+
+    replayed: list[bool] = []
+    manager = JobManager(settings=settings, session_factory=factory, run_fn=restarts_at_30)
+    manager.start()
+    try:
+        job_id = new_job(factory)
+        manager.submit(job_id)
+        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        manager.stop()
+    assert job.status == "succeeded"
+    with factory() as session:
+        points = session.execute(select(JobMetric.iteration, JobMetric.metrics)
+                                 .where(JobMetric.job_id == job_id)).all()
+    assert sorted(iteration for iteration, _ in points) == list(range(1, 61))
+    assert all(metrics["meta/loss"] == -iteration for iteration, metrics in points if 21 <= iteration <= 30)

@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,139 +23,25 @@ from typing import Any
 
 import httpx
 import pytest
+from cluster import Replicas, ray_processes
+from cluster import ray_head as start_ray_head
 from helpers import fresh_database
-from sqlalchemy import create_engine, text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
-REPO = Path(__file__).resolve().parents[1]
-ADMIN = "topology-admin-token-8f2a61c0"
 TERMINAL = ("succeeded", "failed", "cancelled")
-RAY = Path(sys.executable).parent / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """``ray start --head`` as a process group of its own, with token auth; its address and token as
-    the environment a replica joins it with."""
-    root = Path("/tmp") / f"maml-ray-{secrets.token_hex(3)}"  # Ray's socket paths must stay short
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("ray") / "head.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
-             "--temp-dir", str(root)],
-            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in log_path.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start failed:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield {**env, "MAML_RAY_ADDRESS": f"127.0.0.1:{port}"}
-    finally:
-        kill_group(proc)  # GCS, raylet and every worker: one process group (ray start --block doesn't
-        proc.wait(30)     # answer SIGTERM quickly, and nothing of it needs to outlive the tests)
-        shutil.rmtree(root, ignore_errors=True)
-        # `ray start` records its address for later `ray.init()` calls; nothing else here should join it.
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and str(port) in current.read_text():
-            current.unlink()
-
-
-class Replicas:
-    """API replicas (uvicorn processes) on one database, data folder and Ray cluster."""
-
-    def __init__(self, root: Path, database_url: str, ray_env: dict[str, str]) -> None:
-        self.root, self.database_url = root, database_url
-        self.env = {**os.environ, **ray_env, "MAML_DATABASE_URL": database_url, "MAML_DATA_DIR": str(root / "data"),
-                    "MAML_ADMIN_TOKEN": ADMIN, "MAML_METRICS_FLUSH_S": "0.2", "MAML_LEASE_TTL_S": "4",
-                    "MAML_EVENTS_POLL_S": "0.2"}
-        self.env.pop("DATABASE_URL", None)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.bases: dict[str, str] = {}
-
-    def start(self, name: str) -> str:
-        port = free_port()
-        log = (self.root / f"{name}.log").open("w")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.bases[name] = base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if self.procs[name].poll() is not None:
-                pytest.fail(f"replica {name} exited:\n{self.log(name)}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    return base
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"replica {name} was not ready in time:\n{self.log(name)}")
-            time.sleep(0.3)
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def kill(self, name: str) -> None:
-        """kill -9, as a crashed pod or a lost node."""
-        proc = self.procs.pop(name)
-        kill_group(proc)
-        proc.wait(30)
-
-    def client(self, name: str, key: str) -> httpx.Client:
-        return httpx.Client(base_url=f"{self.bases[name]}/api/v1", timeout=30,
-                            headers={"Authorization": f"Bearer {key}"})
-
-    def tenant_key(self, name: str) -> str:
-        with self.client(name, ADMIN) as admin:
-            r = admin.post("/keys", json={"tenant": "acme"})
-            assert r.status_code == 201, r.text
-            return r.json()["secret"]
-
-    def row(self, table: str, run_id: str) -> dict[str, Any]:
-        """The run's row, read from the database itself (no replica needed)."""
-        engine = create_engine(self.database_url)
-        try:
-            with engine.connect() as connection:
-                return dict(connection.execute(text(f"SELECT * FROM {table} WHERE id = :id"),
-                                               {"id": run_id}).mappings().one())
-        finally:
-            engine.dispose()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            proc = self.procs.pop(name)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            kill_group(proc)
+    with start_ray_head(tmp_path_factory.mktemp("ray")) as env:
+        yield env
 
 
 @pytest.fixture
 def replicas(ray_head: dict[str, str], tmp_path: Path) -> Iterator[Replicas]:
     with fresh_database("postgresql") as url:
         assert url is not None
-        group = Replicas(tmp_path, url, ray_head)
+        group = Replicas(tmp_path, url, ray_head, MAML_LEASE_TTL_S="4")
         try:
             yield group
         finally:
@@ -282,3 +163,22 @@ def test_a_replica_started_during_a_job_does_not_train_it_again_and_a_cancel_thr
                                timeout=30)
         elapsed = time.monotonic() - start
     assert cancelled["status"] == "cancelled" and elapsed < 10, (cancelled["status"], elapsed)
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(replicas: Replicas,
+                                                                     ray_head: dict[str, str]) -> None:
+    replicas.start("a")
+    key = replicas.tenant_key("a")
+    with replicas.client("a", key) as a:
+        job_id = a.post("/jobs", json=JOB).json()["id"]
+        wait_until(lambda: a.get(f"/jobs/{job_id}").json(), lambda j: j["progress"]["iteration"] >= 150)
+        [worker] = ray_processes(ray_head, "ShardWorker")
+        os.kill(worker, signal.SIGKILL)
+        replaced = wait_until(lambda: {"pids": ray_processes(ray_head, "ShardWorker")},
+                              lambda found: bool(found["pids"]) and worker not in found["pids"], timeout=120)
+        job = wait_until(lambda: a.get(f"/jobs/{job_id}").json(), lambda j: j["status"] in TERMINAL)
+        series = a.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["data"]
+    assert replaced["pids"]
+    # The driver restarted its worker group from the checkpoint itself: no second attempt.
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert sorted(p["iteration"] for p in series) == list(range(1, 1501))
