@@ -23,6 +23,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.routes import api_router, health
+from api.validation import install_validation_handler
 from service import jobs
 from service.adaptation import Adapter
 from service.config import Settings, get_settings
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
     app.state.services = None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
+    install_validation_handler(app)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)
     return app

@@ -19,8 +19,11 @@ class BodySizeLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        # With Transfer-Encoding the body's length is not Content-Length's (h11 reads it chunked and
+        # keeps a Content-Length sent beside it): count what arrives instead.
+        if length is not None and b"transfer-encoding" not in headers:
             if length.isdigit() and int(length) > self.max_bytes:
                 await error_response(PayloadTooLarge(self.max_bytes))(scope, receive, send)
                 return

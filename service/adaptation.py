@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,11 @@ from torch import nn
 from service import registry
 from service.config import Settings
 from service.db import Model, new_id
-from service.errors import Conflict, InvalidInput, NotFound, Saturated
+from service.errors import Conflict, InvalidInput, NotFound, Saturated, Unavailable
 from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
-from workers.errors import ModelError, NonFiniteLossError, SpecError
+from workers.errors import ModelError, NonFiniteLossError, SpecError, Stopped
 from workers.evaluation import adapt, predict
 from workers.inner import Params
 from workers.models import build_model
@@ -54,6 +55,14 @@ from workers.supervised import torch_dtype
 
 logger = logging.getLogger(__name__)
 _IMAGE_FORMATS = ("PNG", "JPEG")
+DISCONNECT_POLL_S = 0.25  # how often a running query looks whether its client is still there
+
+
+class ClientGone(Unavailable):
+    """The client of an adaptation query disconnected: the query was stopped (nobody reads this answer)."""
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected; the adaptation was stopped")
 
 
 @dataclass
@@ -193,8 +202,8 @@ def decode_image(text: str, name: str, max_pixels: int) -> Image.Image:
         text = text.partition(",")[2]
     try:
         raw = base64.b64decode(text, validate=True)
-        img = Image.open(io.BytesIO(raw))
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        img = Image.open(io.BytesIO(raw), formats=_IMAGE_FORMATS)  # no other decoder ever sees the bytes
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, SyntaxError):
         raise InvalidInput(name, "expected a base64-encoded PNG or JPEG image") from None
     if img.format not in _IMAGE_FORMATS:
         raise InvalidInput(name, f"image format {img.format} is not supported (PNG or JPEG)")
@@ -217,8 +226,22 @@ def _preprocess(img: Image.Image, spec: JobSpec, dtype: torch.dtype) -> torch.Te
     raise ValueError(f"the {task.family} family takes no images")
 
 
-def inputs_tensor(items: list[Any], name: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
-    """Query or support inputs as one (n, *input_shape) tensor."""
+class PixelBudget:
+    """The pixels the images of one query may still decode, before any is decoded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.left = limit, limit
+
+    def take(self, img: Image.Image, where: str) -> None:
+        self.left -= img.width * img.height
+        if self.left < 0:
+            raise InvalidInput(where, f"the query's images add up to more than {self.limit} pixels "
+                               "(MAML_ADAPT_MAX_REQUEST_PIXELS)")
+
+
+def inputs_tensor(items: list[Any], name: str, model: LoadedModel, max_pixels: int,
+                  budget: PixelBudget | None = None) -> torch.Tensor:
+    """Query or support inputs as one (n, *input_shape) tensor; images are decoded within ``budget``."""
     if not items:
         return torch.empty((0, *model.input_shape), dtype=model.dtype)
     if model.images and any(isinstance(item, str) for item in items):
@@ -226,10 +249,14 @@ def inputs_tensor(items: list[Any], name: str, model: LoadedModel, max_pixels: i
         for i, item in enumerate(items):
             where = f"{name}[{i}]"
             if isinstance(item, str):
+                img = decode_image(item, where, max_pixels)
+                if budget is not None:
+                    budget.take(img, where)
                 try:
-                    t = _preprocess(decode_image(item, where, max_pixels), model.spec, model.dtype)
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    raise InvalidInput(where, "the image data is truncated or corrupt") from None
+                    t = _preprocess(img, model.spec, model.dtype)
+                except Exception as exc:  # whatever a malformed file makes a decoder raise: the input's fault
+                    reason = f"the image data is truncated or corrupt ({type(exc).__name__})"
+                    raise InvalidInput(where, reason) from None
                 if tuple(t.shape) != model.input_shape:
                     raise InvalidInput(where, f"preprocessed to {list(t.shape)}, the model takes "
                                        f"{list(model.input_shape)}")
@@ -323,8 +350,12 @@ class Adapter:
         with self._admission:
             self._in_flight -= 1
 
-    async def adapt(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
-        """Adapt on the pool; Saturated (429) at once when ``capacity`` queries are already in flight."""
+    async def adapt(self, *, model_id: str, principal: Principal, request: AdaptRequest,
+                    is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AdaptResponse:
+        """Adapt on the pool; Saturated (429) at once when ``capacity`` queries are already in flight.
+
+        With ``is_disconnected`` (the request's), a query whose client has gone stops at its next step.
+        """
         with self._admission:
             if self._in_flight >= self.capacity:
                 self.metrics.adapt_rejected.inc()
@@ -332,15 +363,24 @@ class Adapter:
                                 retry_after=self.settings.adapt_retry_after_s)
             self._in_flight += 1
         start = time.perf_counter()
+        stop = threading.Event()
         try:
-            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request)
+            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request,
+                                       stop=stop)
         except RuntimeError:  # the pool is shut down: the service is stopping
             self._release()
             raise
         # Released when the computation ends, not when the client leaves: the slot is busy until then.
         future.add_done_callback(self._release)
+        result = asyncio.wrap_future(future)
         try:
-            return await asyncio.wrap_future(future)
+            while is_disconnected is not None and not result.done():
+                await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
+                if not result.done() and await is_disconnected():
+                    stop.set()  # the computation ends at its next step (ClientGone)
+                    logger.info("adaptation of model %s: the client left; stopping", model_id)
+                    break
+            return await result
         finally:
             self.metrics.adapt_latency.observe(time.perf_counter() - start)
 
@@ -385,7 +425,8 @@ class Adapter:
                 self._cached_bytes -= evicted.nbytes
                 logger.debug("adaptation cache: evicted model %s (%d bytes)", evicted_id, evicted.nbytes)
 
-    def adapt_sync(self, *, model_id: str, principal: Principal, request: AdaptRequest) -> AdaptResponse:
+    def adapt_sync(self, *, model_id: str, principal: Principal, request: AdaptRequest,
+                   stop: threading.Event | None = None) -> AdaptResponse:
         settings = self.settings
         model = self.model(model_id, principal.scope)
         if isinstance(model, LoadedPolicy):
@@ -406,18 +447,29 @@ class Adapter:
         if steps > settings.adapt_max_steps:
             raise InvalidInput("steps", f"{steps} steps; at most {settings.adapt_max_steps}")
         lr = spec.inner.lr if request.lr is None else request.lr
-        max_pixels = settings.adapt_max_image_pixels
-        xs = inputs_tensor(support.x, "support.x", model, max_pixels)  # (K, *input_shape)
+        if steps * len(support.x) > settings.adapt_max_work:
+            raise InvalidInput("steps", f"{steps} steps x {len(support.x)} support items is over the limit of "
+                               f"{settings.adapt_max_work} (MAML_ADAPT_MAX_WORK)")
+        max_pixels, budget = settings.adapt_max_image_pixels, PixelBudget(settings.adapt_max_request_pixels)
+        xs = inputs_tensor(support.x, "support.x", model, max_pixels, budget)  # (K, *input_shape)
         ys = targets_tensor(support.y, "support.y", model)  # (K, output_dim) or (K,)
-        xq = inputs_tensor(query.x, "query.x", model, max_pixels)  # (Q, *input_shape)
+        xq = inputs_tensor(query.x, "query.x", model, max_pixels, budget)  # (Q, *input_shape)
 
         module = model.module_for_thread()
+        deadline = time.monotonic() + settings.adapt_timeout_s
         try:
             adapted, before, after = adapt(module, model.params, model.buffers, xs, ys, steps=steps, lr=lr,
                                            loss=model.loss, optimizer=spec.inner.optimizer,  # type: ignore[arg-type]
-                                           batch_size=spec.inner.batch_size)
+                                           batch_size=spec.inner.batch_size, should_stop=lambda: (
+                                               time.monotonic() > deadline or (stop is not None and stop.is_set())))
         except NonFiniteLossError as exc:
             raise InvalidInput("lr", f"adaptation diverged ({exc}); use a smaller lr or fewer steps") from None
+        except Stopped as exc:
+            if stop is not None and stop.is_set():
+                raise ClientGone() from None
+            raise InvalidInput("steps", f"the adaptation was still running after {settings.adapt_timeout_s:g}s "
+                               f"(MAML_ADAPT_TIMEOUT_S), at step {exc.step} of {steps}; ask fewer steps or "
+                               "items") from None
         out = predict(module, adapted, model.buffers, xq) if len(xq) else None  # (Q, output_dim)
         if not (np.isfinite(before) and np.isfinite(after)) or (out is not None and not torch.isfinite(out).all()):
             raise InvalidInput("lr", "adaptation diverged (non-finite loss or predictions); use a smaller lr")

@@ -103,9 +103,19 @@ class Settings(BaseSettings):
     adapt_max_steps: int = Field(1000, ge=0, description="most adaptation steps in one query")
     adapt_max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest uploaded image (width x height) before decoding")
+    adapt_max_request_pixels: int = Field(
+        32 * 1024 * 1024, ge=1, description="pixels of all the images of one adaptation query together")
+    adapt_max_work: int = Field(
+        100_000, ge=1, description="most adaptation steps x support items in one query (steps over the whole "
+        "support set: their cost grows with both)")
+    adapt_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="an adaptation query still adapting after this long stops (422 naming steps)")
     model_cache_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="bytes of loaded models (their parameters and buffers) kept in "
         "memory for adaptation, least recently used evicted; a larger model is served without being cached")
+    max_model_parameters: int = Field(
+        50_000_000, ge=1, description="most parameters a job's model may have (counted from the spec at "
+        "submission, without building it); more answers 422 naming model")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies answer 413")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is remembered")
 

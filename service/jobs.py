@@ -8,7 +8,7 @@ keyword-only and take the session.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -16,17 +16,19 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from torch import nn
 
 from service import runs
 from service.config import Settings
 from service.db import JOB_STATUSES, DatabaseUnavailable, Job, JobMetric, retry_transient
 from service.errors import InvalidInput
 from service.schemas import finite_metrics
-from workers.errors import ModelError, SpecError
-from workers.models import build_model
-from workers.rl.program import build_family
+from workers.errors import SpecError
+from workers.models import build_model, parameter_count
+from workers.rl.program import build_family, build_policy
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
-from workers.supervised import build
+from workers.supervised import torch_dtype
+from workers.tasks import build_task_family
 
 # ------------------------------------------------------------------------------------------ policy
 
@@ -56,19 +58,16 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     Raises InvalidInput naming the field: a model factory outside the allow-list (it is not even
     imported), a factory that refuses its kwargs, a dataset path outside the data roots, a dataset
     that cannot give the tasks asked for (more ways than classes, fewer images than shots plus
-    queries), a model that does not fit the task's inputs. The task family and the model are built
-    once here (for meta-RL, the environment family), so such a job is refused at submission instead
-    of failing later.
+    queries), a model that does not fit the task's inputs, a model over
+    ``MAML_MAX_MODEL_PARAMETERS``. The task family is built here (for meta-RL, the environment
+    family) and the model on PyTorch's meta device (shapes only: nothing of a tenant's size is
+    allocated in this process), so such a job is refused at submission instead of failing later.
     """
     spec = spec.model_copy(deep=True)
     if spec.model.factory is not None:
-        try:
-            # Checks the allow-list before anything is imported, then the import and the kwargs.
-            build_model(spec.model, input_shape=(1,), output_dim=1, allowed_modules=settings.model_allowlist)
-        except ModelError as exc:
-            raise InvalidInput(exc.field, exc.detail) from exc
-        except Exception as exc:  # the user's factory failed: still the request's fault
-            raise InvalidInput("model.factory", f"{spec.model.factory} failed: {type(exc).__name__}: {exc}") from exc
+        # Checks the allow-list before anything is imported, then the import and the kwargs.
+        _count_parameters(spec, lambda: build_model(spec.model, input_shape=(1,), output_dim=1,
+                                                    allowed_modules=settings.model_allowlist))
     task = spec.task
     if isinstance(task, OmniglotTask | ImageFolderTask):
         if task.path is not None:
@@ -77,13 +76,34 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
             raise InvalidInput("task.path", "required: the server has no default data root (MAML_DATA_ROOT)")
     try:
         if spec.is_rl:
-            build_family(spec)  # the environments can be made here (half-cheetah needs MuJoCo)
+            env_family = build_family(spec)  # the environments can be made here (half-cheetah needs MuJoCo)
+            count = _count_parameters(spec, lambda: build_policy(spec, env_family))
         else:
-            build(spec, data_root=settings.data_root, cache_dir=settings.cache_path,
-                  allowed_modules=settings.model_allowlist)
+            family = build_task_family(spec.task, data_root=settings.data_root, cache_dir=settings.cache_path,
+                                       dtype=torch_dtype(spec))
+            count = _count_parameters(spec, lambda: build_model(
+                spec.model, input_shape=family.input_shape, output_dim=family.output_dim,
+                allowed_modules=settings.model_allowlist))
     except SpecError as exc:  # DatasetError, ModelError, an environment: the field is theirs
         raise InvalidInput(exc.field, exc.detail) from exc
+    if count > settings.max_model_parameters:
+        size = count * (8 if spec.dtype == "float64" else 4)
+        raise InvalidInput("model", f"{count:,} parameters ({size / 2**20:,.0f} MiB in {spec.dtype}, before the "
+                           f"optimizer's state) is over the server's limit of {settings.max_model_parameters:,} "
+                           "(MAML_MAX_MODEL_PARAMETERS)")
     return spec
+
+
+def _count_parameters(spec: JobSpec, make: Callable[[], nn.Module]) -> int:
+    """``parameter_count(make)``, a user's factory failing on its own being the request's fault."""
+    try:
+        return parameter_count(make)
+    except SpecError as exc:  # ModelError: not allow-listed, refused kwargs, too small an input
+        raise InvalidInput(exc.field, exc.detail) from exc
+    except Exception as exc:
+        if spec.model.factory is None:
+            raise
+        raise InvalidInput("model.factory", f"{spec.model.factory} failed: {type(exc).__name__}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------- data access

@@ -39,7 +39,7 @@ class _Out(BaseModel):
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # Infinity/NaN in a body: 422
 
 
 class _RunPublic(_Out):

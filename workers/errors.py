@@ -53,3 +53,15 @@ class TrainingError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.iteration))
+
+
+class Stopped(RuntimeError):
+    """A computation's ``should_stop()`` said so between two steps (a time limit, a client gone);
+    ``step`` is how many steps were done."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after {step} steps")
+        self.step = step
+
+    def __reduce__(self):
+        return (type(self), (self.step,))

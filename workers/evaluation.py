@@ -8,12 +8,13 @@ The meta-test protocol of the MAML paper: adapt each held-out task with ``steps`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
+from workers.errors import Stopped
 from workers.fast import fused
 from workers.fast.batched import fused_net
 from workers.inner import Forward, InnerOptimizer, OptimizerName, Params, adapt_steps, evaluate, loss_function
@@ -33,6 +34,7 @@ def adapt(
     optimizer: OptimizerName = "sgd",
     batch_size: int | None = None,
     fast: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Params, float, float]:
     """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after.
 
@@ -40,19 +42,21 @@ def adapt(
     inner loop of training. Full-batch SGD on a conv/BatchNorm/ReLU/max-pool stack with a linear
     head (Conv4) takes the hand-written CPU kernels of ``workers.fast.fused`` for its gradients
     (the same gradients, checked in float64 against autograd); ``fast=False`` forces autograd,
-    which takes any module. Both losses are on the whole of (x, y).
+    which takes any module. Both losses are on the whole of (x, y). ``should_stop()`` is asked
+    between two steps: :class:`workers.errors.Stopped` when it says so (a time limit).
     """
     opt = InnerOptimizer(optimizer, lr)
     if fast and steps > 0 and optimizer == "sgd" and batch_size is None:
         net = fused_net(model, x.device)
         if net is not None:
-            return _adapt_fused(net, params, x, y, steps=steps, optimizer=opt, loss=loss)
+            return _adapt_fused(net, params, x, y, steps=steps, optimizer=opt, loss=loss, should_stop=should_stop)
     loss_fn = loss_function(loss)
     forward = Forward(model, buffers)
     if steps == 0:
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
         return dict(params), before, before
-    adapted, before = adapt_steps(forward, params, x, y, loss_fn, steps=steps, optimizer=opt, batch_size=batch_size)
+    adapted, before = adapt_steps(forward, params, x, y, loss_fn, steps=steps, optimizer=opt, batch_size=batch_size,
+                                  should_stop=should_stop)
     adapted = {k: v.detach() for k, v in adapted.items()}
     if batch_size is not None:  # the first step's loss was on a mini-batch: the loss before is on all of x
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
@@ -70,12 +74,15 @@ def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) 
 
 
 def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                 optimizer: InnerOptimizer, loss: LossName) -> tuple[Params, float, float]:
+                 optimizer: InnerOptimizer, loss: LossName,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[Params, float, float]:
     """``adapt``'s steps with the hand-written forward and backward for the gradients (no autograd graph)."""
     p = {k: v.detach() for k, v in params.items()}
     prepared = fused.prepare(net, p, x)  # the input as the first block takes it, once for every step
     state = optimizer.init(p)
-    for _ in range(steps):
+    for step in range(steps):
+        if step and should_stop is not None and should_stop():
+            raise Stopped(step)
         value, _, grads = fused.run(net, p, prepared, y, loss, grad=True)
         assert grads is not None
         p, state = optimizer.step(state, p, [grads[k] for k in p], value)

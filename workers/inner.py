@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from workers.errors import NonFiniteLossError
+from workers.errors import NonFiniteLossError, Stopped
 from workers.tasks.base import LossName
 
 Params = dict[str, torch.Tensor]
@@ -164,6 +164,7 @@ def adapt_steps(
     optimizer: InnerOptimizer,
     batch_size: int | None = None,
     create_graph: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Params, float]:
     """``steps`` steps of ``optimizer`` on (x, y), on mini-batches of ``batch_size`` if given.
 
@@ -171,11 +172,14 @@ def adapt_steps(
     mini-batch; NaN for 0 steps). With ``create_graph=True`` the result stays differentiable with
     respect to ``params`` (second-order MAML). Otherwise each step's result is a fresh leaf that
     requires grad, so that ``autograd.grad`` with respect to the adapted parameters is the
-    first-order MAML gradient.
+    first-order MAML gradient. ``should_stop()`` is asked before every step after the first
+    (:class:`workers.errors.Stopped` when it says so).
     """
     state = optimizer.init(params)
     current = params if create_graph else {k: p.detach().requires_grad_() for k, p in params.items()}
-    for idx in minibatches(x.shape[0], batch_size, steps):
+    for step, idx in enumerate(minibatches(x.shape[0], batch_size, steps)):
+        if step and should_stop is not None and should_stop():
+            raise Stopped(step)
         xb, yb = (x, y) if idx is None else (x[idx], y[idx])
         loss = loss_fn(forward(current, xb), yb)
         grads = torch.autograd.grad(loss, tuple(current.values()), create_graph=create_graph)

@@ -7,7 +7,7 @@ BatchNorm follows the MAML paper: batch statistics in every pass, never running 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -118,3 +118,11 @@ def build_model(
         filters = spec.filters or (64 if channels == 1 else 32)
         return Conv4(channels, output_dim, filters, height)
     raise ModelError("model.name", f"unknown model '{spec.name}'")
+
+
+def parameter_count(make: Callable[[], nn.Module]) -> int:
+    """The parameters of the model ``make()`` builds, built on PyTorch's meta device: shapes only, no
+    memory, however large the model (a tenant's spec is sized before anything is allocated)."""
+    with torch.device("meta"):
+        model = make()
+    return sum(p.numel() for p in model.parameters())

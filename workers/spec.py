@@ -17,7 +17,8 @@ NAME_PATTERN = r"^[^\x00]+$"
 
 class _Spec(BaseModel):
     # Unknown keys are refused, so a typo ("inner.step") is a 422 naming the field, not a silent default.
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # Every number of a spec is finite: JSON parsers accept Infinity and NaN, training and the SSE stream do not.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class SinusoidTask(_Spec):

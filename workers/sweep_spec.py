@@ -49,7 +49,7 @@ _MAX_TRIALS = 10_000
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as workers.spec: finite numbers only
 
 
 class Domain(_Spec):
