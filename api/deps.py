@@ -20,6 +20,7 @@ from service.errors import Forbidden, Unavailable
 from service.keys import Authenticator, Principal
 from service.manager import JobManager, SweepManager
 from service.metrics import ServiceMetrics
+from service.supervisor import RayChild
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Services:
     sweeps: SweepManager
     authenticator: Authenticator
     metrics: ServiceMetrics
+    ray_child: RayChild | None = None  # the supervised reconciler (MAML_RAY_PROCESS=child)
 
 
 def get_services(request: Request) -> Services:

@@ -31,6 +31,7 @@ from service.db import init_db, make_engine, make_session_factory
 from service.keys import Authenticator
 from service.manager import JobManager, RunFn, SweepManager, default_run_fn
 from service.metrics import ServiceMetrics
+from service.supervisor import RayChild
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -41,7 +42,8 @@ def ray_backend(settings: Settings) -> RunFn:
     """Connect to Ray (or start an embedded local cluster) and train jobs on it."""
     from workers.raygroup import ensure_ray
 
-    ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)
+    if settings.ray_process == "api":  # otherwise only the supervised reconciler joins Ray
+        ensure_ray(settings.ray_address, num_cpus=settings.ray_num_cpus)
     return default_run_fn(settings)
 
 
@@ -70,15 +72,21 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
                       adapt_in_flight=lambda: adapter.in_flight)
         await run_in_threadpool(manager.start)
         await run_in_threadpool(sweep_manager.start)
+        ray_child = RayChild(settings) if manager.passive else None
+        if ray_child is not None:
+            ray_child.start()
         app.state.services = Services(engine=engine, session_factory=session_factory, manager=manager,
                                       adapter=adapter, sweeps=sweep_manager,
-                                      authenticator=Authenticator(settings, session_factory), metrics=metrics)
+                                      authenticator=Authenticator(settings, session_factory), metrics=metrics,
+                                      ray_child=ray_child)
         logger.info("maml-service ready: data in %s, database %s", settings.data_dir,
                     engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
             app.state.services = None
+            if ray_child is not None:
+                await run_in_threadpool(ray_child.stop, settings.stop_timeout_s)
             await run_in_threadpool(sweep_manager.stop)
             await run_in_threadpool(manager.stop)
             adapter.close()

@@ -75,7 +75,12 @@ class Settings(BaseSettings):
     drivers: Literal["process", "ray"] | None = Field(
         None, description="where jobs and sweeps are driven: 'ray', a detached actor per run on the Ray cluster "
         "(stopping or killing a replica interrupts no training), or 'process', threads of this process; "
-        "default: 'ray' with MAML_RAY_ADDRESS, else 'process'")
+        "default: 'ray' with MAML_RAY_ADDRESS or MAML_RAY_PROCESS=child, else 'process'")
+    ray_process: Literal["child", "api"] = Field(
+        "child", description="which process joins Ray: 'child', a reconciler the API supervises and restarts (the "
+        "API process cannot die with a raylet; drivers run on Ray), or 'api', the API process itself")
+    reconcile_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often queued runs are looked for and runs whose driver died are requeued")
     driver_cpus: float = Field(
         0.25, ge=0, le=64, description="CPUs each driver actor reserves on Ray; above 0, no driver is placed on "
         "a node that offers none (the head, the API replicas' nodes)")
@@ -163,7 +168,7 @@ class Settings(BaseSettings):
 
     @property
     def driver_placement(self) -> Literal["process", "ray"]:
-        return self.drivers or ("ray" if self.ray_address else "process")
+        return self.drivers or ("ray" if self.ray_address or self.ray_process == "child" else "process")
 
     @property
     def storage_path(self) -> Path:

@@ -229,6 +229,10 @@ class RunQueue(Generic[R]):
         self.session_factory = session_factory
         self.slots, self.max_attempts = slots, max_attempts
         self.placement = settings.driver_placement
+        # Drivers on Ray launched by this replica's reconciler process (service.reconciler), not here:
+        # this queue only answers for the API (submits and cancels go through the database).
+        self.passive = self.placement == "ray" and settings.ray_process == "child"
+        self._passive_started = False
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()
         self._running: dict[str, threading.Event] = {}  # run id -> its cancel flag
@@ -271,7 +275,7 @@ class RunQueue(Generic[R]):
 
     @property
     def started(self) -> bool:
-        return bool(self._threads) and not self.stopping
+        return (bool(self._threads) or self._passive_started) and not self.stopping
 
     @property
     def queue_depth(self) -> int:
@@ -287,6 +291,10 @@ class RunQueue(Generic[R]):
         kind = self.table.kind
         if self._threads:
             raise RuntimeError(f"the {kind} manager is already started")
+        if self.passive:
+            self._passive_started = True
+            logger.info("%s manager started: the reconciler process launches the drivers", kind)
+            return
         with self.session_factory() as session:
             queued = recover_runs(session=session, table=self.table, max_attempts=self.max_attempts,
                                   detail=self.interrupted_detail)
@@ -309,6 +317,8 @@ class RunQueue(Generic[R]):
                     kind)
 
     def submit(self, run_id: str) -> None:
+        if self.passive:  # the reconciler finds it queued within MAML_RECONCILE_INTERVAL_S
+            return
         if self._drivers is not None:
             self._wake.set()
             return
@@ -379,9 +389,9 @@ class RunQueue(Generic[R]):
                 logger.exception("%s %s: the manager failed to record its run", self.table.kind, run_id)
 
     def _maintain(self) -> None:
-        """Every quarter of the lease time (and at once after a submit, for drivers on Ray):
-        requeue runs whose driver is gone, and take on queued runs (another replica's too)."""
-        period = self.settings.lease_ttl_s / 4
+        """Every ``reconcile_interval_s`` (and at once after a submit, for drivers on Ray): requeue
+        runs whose driver is gone, and take on queued runs (another replica's too)."""
+        period = min(self.settings.reconcile_interval_s, self.settings.lease_ttl_s / 4)
         while not self.stopping:
             try:
                 with self.session_factory() as session:

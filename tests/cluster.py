@@ -92,15 +92,41 @@ def ray_processes(head_env: dict[str, str], name: str) -> list[int]:
     return found
 
 
-class Replicas:
-    """API replicas (uvicorn processes) on one database, data folder and Ray cluster."""
+def descendants(pid: int) -> dict[int, str]:
+    """The processes below ``pid`` (children, theirs, ...) by pid, with the name of their executable."""
+    parents: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            parents[int(entry.name)] = (int(rest[1]), name)
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, name) in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = name
+                frontier.append(child)
+    return found
 
-    def __init__(self, root: Path, database_url: str, ray_env: dict[str, str], **settings: str) -> None:
-        self.root, self.database_url = root, database_url
-        self.env = {**os.environ, **ray_env, "MAML_DATABASE_URL": database_url, "MAML_DATA_DIR": str(root / "data"),
-                    "MAML_ADMIN_TOKEN": ADMIN, "MAML_METRICS_FLUSH_S": "0.2", "MAML_EVENTS_POLL_S": "0.2",
-                    **settings}
+
+class Replicas:
+    """API replicas (uvicorn processes) on one database (SQLite under ``root`` without a URL), data
+    folder and Ray cluster (their embedded ones without ``MAML_RAY_ADDRESS`` in ``ray_env``)."""
+
+    def __init__(self, root: Path, database_url: str | None, ray_env: dict[str, str], **settings: str) -> None:
+        self.root = root
+        self.database_url = database_url or f"sqlite:///{root / 'data' / 'maml.db'}"
+        self.env = {**os.environ, **ray_env, "MAML_DATA_DIR": str(root / "data"), "MAML_ADMIN_TOKEN": ADMIN,
+                    "MAML_METRICS_FLUSH_S": "0.2", "MAML_EVENTS_POLL_S": "0.2", **settings}
         self.env.pop("DATABASE_URL", None)
+        self.env.pop("MAML_DATABASE_URL", None)
+        if database_url is not None:
+            self.env["MAML_DATABASE_URL"] = database_url
         self.procs: dict[str, subprocess.Popen] = {}
         self.bases: dict[str, str] = {}
 

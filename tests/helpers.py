@@ -116,6 +116,7 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         data_dir=root / "data", cache_dir=root / "cache", admin_token=ADMIN_TOKEN, data_roots=[root / "datasets"],
         data_root=None, database_url=_database_url,
         model_allowlist=["user_models"], metrics_flush_s=0.05, events_poll_s=0.05, auth_cache_s=0,
+        ray_process="api",  # in-process tests: this process joins the session's Ray cluster, if any
     )
     values.update(overrides)
     return Settings(**values)

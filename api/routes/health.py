@@ -21,9 +21,11 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Ready to serve: the database answers and the job manager runs."""
+    """Ready to serve: the database answers, the job manager runs and, with a supervised reconciler
+    (``MAML_RAY_PROCESS=child``), it is alive and its Ray cluster answers."""
     services = getattr(request.app.state, "services", None)
-    checks = {"database": False, "jobs": False}
+    checks: dict[str, bool] = {"database": False, "jobs": False}
+    details: dict[str, object] = {}
     if services is not None:
         try:
             with services.engine.connect() as connection:
@@ -32,8 +34,10 @@ def readyz(request: Request) -> JSONResponse:
         except Exception:
             logger.exception("readiness: the database does not answer")
         checks["jobs"] = services.manager.started
+        if services.ray_child is not None:
+            checks["ray"], details = services.ray_child.ready()
     ready = all(checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, **details},
                         status_code=200 if ready else 503)
 
 
