@@ -56,6 +56,7 @@ from workers.supervised import torch_dtype
 logger = logging.getLogger(__name__)
 _IMAGE_FORMATS = ("PNG", "JPEG")
 DISCONNECT_POLL_S = 0.25  # how often a running query looks whether its client is still there
+PURGE_EVERY_S = 60.0  # at most this often, storing adapted weights deletes the expired ones
 
 
 class ClientGone(Unavailable):
@@ -325,6 +326,7 @@ class Adapter:
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cached_bytes = 0
         self._cache_lock = threading.Lock()
+        self._last_purge = float("-inf")
         Gauge("maml_adapt_model_cache_bytes", "Bytes of the models cached for adaptation (parameters and buffers)",
               registry=self.metrics.registry).set_function(lambda: self._cached_bytes)
         self._in_flight = 0
@@ -524,4 +526,10 @@ class Adapter:
             row = registry.get_model(session=session, model_id=model.id, scope=None)
             registry.add_adapted(session=session, adapted_id=adapted_id, model=row, tenant=principal.tenant,
                                  steps=steps, lr=lr, path=path)
+            now = time.monotonic()
+            if now - self._last_purge > PURGE_EVERY_S:  # the expired ones go as new ones come
+                self._last_purge = now
+                purged = registry.purge_adapted(session=session, ttl_s=self.settings.adapted_weights_ttl_s)
+                if purged:
+                    logger.info("adapted weights: %d expired ones deleted (MAML_ADAPTED_WEIGHTS_TTL_S)", purged)
         return adapted_id

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="bytes of loaded models (their parameters and buffers) kept in "
         "memory for adaptation, least recently used evicted; a larger model is served without being cached")
+    adapted_weights_ttl_s: float = Field(
+        86_400.0, gt=0, description="adapted weights stored with return_weights are kept this long, then deleted")
+    max_metric_points: int = Field(
+        10_000, ge=10, description="past this many points a job's metric series keeps every k-th iteration "
+        "(k = iterations / this), every evaluation and the last iteration")
     max_model_parameters: int = Field(
         50_000_000, ge=1, description="most parameters a job's model may have (counted from the spec at "
         "submission, without building it); more answers 422 naming model")

@@ -7,7 +7,9 @@ A job's stream:
 
 * ``status``: ``{"status", "error", "model_id"}`` when the status changes (first event included);
 * ``progress``: ``{"iteration", "total", "eta_s"}`` when the iteration moves;
-* ``metrics``: ``{"iteration", "metrics"}`` for every new point of the series;
+* ``metrics``: ``{"iteration", "metrics"}`` for every new point of the series, with the point's id
+  as the event's ``id``: a client that reconnects with ``Last-Event-ID`` gets the points after it
+  instead of the whole series again (the series itself is bounded: ``MAML_MAX_METRIC_POINTS``);
 * ``end``: the final job, after which the stream closes.
 
 A sweep's stream:
@@ -43,21 +45,24 @@ def _snapshot(session_factory: sessionmaker[Session], job_id: str,
         return JobPublic.from_row(job), [(p.id, MetricPoint.model_validate(p)) for p in points]
 
 
-def _event(name: str, data: Any) -> dict[str, str]:
-    return {"event": name, "data": json.dumps(data, allow_nan=False)}
+def _event(name: str, data: Any, event_id: int | None = None) -> dict[str, str]:
+    event = {"event": name, "data": json.dumps(data, allow_nan=False)}
+    if event_id is not None:
+        event["id"] = str(event_id)
+    return event
 
 
-async def job_events(session_factory: sessionmaker[Session], job_id: str, *,
-                     poll_s: float) -> AsyncIterator[dict[str, str]]:
-    """Events of one job (already checked to belong to the caller) until it ends."""
+async def job_events(session_factory: sessionmaker[Session], job_id: str, *, poll_s: float,
+                     after_id: int = 0) -> AsyncIterator[dict[str, str]]:
+    """Events of one job (already checked to belong to the caller) until it ends; the metrics from
+    the point after ``after_id`` (a ``Last-Event-ID``) on."""
     status: str | None = None
     iteration = -1
-    after_id = 0
     while True:
         job, points = await run_in_threadpool(_snapshot, session_factory, job_id, after_id)
         for row_id, point in points:
             after_id = row_id
-            yield _event("metrics", point.model_dump(mode="json"))
+            yield _event("metrics", point.model_dump(mode="json"), row_id)
         if job.progress.iteration != iteration:
             iteration = job.progress.iteration
             yield _event("progress", job.progress.model_dump(mode="json"))

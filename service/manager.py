@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -81,6 +82,9 @@ class _JobRun:
         self.replace_from: int | None = None
         self.last_flush = time.monotonic()
         self.last_iteration = job.iteration  # the last progress stored, to count new iterations
+        # Past settings.max_metric_points the series keeps every stride-th iteration (and every
+        # evaluation and the last one): a long job's series, and the SSE replay of it, stay bounded.
+        self.stride = max(1, math.ceil(job.total / manager.settings.max_metric_points))
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.manager.stopping
@@ -94,7 +98,9 @@ class _JobRun:
             elif iteration <= self.last_iteration:  # the worker group restarted from a checkpoint
                 self.buffer = [point for point in self.buffer if point[0] < iteration]
                 self.replace_from = min(iteration, self.replace_from or iteration)
-            self.buffer.append((iteration, dict(metrics)))
+            if (iteration % self.stride == 0 or iteration >= self.total
+                    or any(name.startswith("eval/") for name in metrics)):
+                self.buffer.append((iteration, dict(metrics)))
             self.manager.metrics.iterations.inc(max(0, iteration - self.last_iteration))
             self.last_iteration = iteration
             due = (now - self.last_flush >= self.manager.settings.metrics_flush_s
@@ -208,6 +214,7 @@ class _SweepRun:
         self.lock = threading.Lock()
         self.pending: list[TrialInfo] | None = None
         self.written: list[tuple[str, str]] = []  # (trial id, status) as last written
+        self.rows: list[dict[str, Any]] | None = None  # the trials as last written
         self.last_write = float("-inf")
 
     def update(self, trials: list[TrialInfo]) -> None:
@@ -223,6 +230,8 @@ class _SweepRun:
         return self.cancel.is_set()
 
     def flush(self, *, force: bool = False) -> None:
+        """Write the latest snapshot if it differs from the one written: at once when a trial's status
+        changed, otherwise at most every ``metrics_flush_s``; an unchanged snapshot is never rewritten."""
         now = time.monotonic()
         with self.lock:
             trials = self.pending
@@ -230,11 +239,16 @@ class _SweepRun:
                                                else self.written)
             due = trials is not None and (force or statuses != self.written
                                           or now - self.last_write >= self.manager.settings.metrics_flush_s)
-            if due:
+            rows = sweeps.trial_rows(trials) if due and trials is not None else None
+            if rows is not None:
                 self.pending, self.written, self.last_write = None, statuses, now
+                if rows == self.rows:  # nothing moved since the last write
+                    rows = None
+                else:
+                    self.rows = rows
         with self.manager.session_factory() as session:
-            if due and trials is not None:
-                sweeps.record_trials(session=session, sweep_id=self.run_id, trials=sweeps.trial_rows(trials))
+            if rows is not None:
+                sweeps.record_trials(session=session, sweep_id=self.run_id, trials=rows)
             if runs.is_cancel_requested(session=session, table=Sweep, run_id=self.run_id):  # from any process
                 self.cancel.set()
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db import AdaptedWeights, Job, Model, new_id
+from service.db import AdaptedWeights, Job, Model, new_id, utcnow
 from service.errors import NotFound
 from service.schemas import finite_metrics
 
@@ -95,8 +96,23 @@ def add_adapted(*, session: Session, adapted_id: str, model: Model, tenant: str,
     return row
 
 
-def get_adapted(*, session: Session, adapted_id: str, scope: str | None) -> AdaptedWeights:
+def get_adapted(*, session: Session, adapted_id: str, scope: str | None,
+                ttl_s: float | None = None) -> AdaptedWeights:
+    """Adapted weights of the caller's tenant; NotFound once older than ``ttl_s`` (even before the purge)."""
     row = session.get(AdaptedWeights, adapted_id)
     if row is None or (scope is not None and row.tenant != scope) or not Path(row.path).is_file():
         raise NotFound("adapted weights", adapted_id)
+    if ttl_s is not None and row.created_at < utcnow() - timedelta(seconds=ttl_s):
+        raise NotFound("adapted weights", adapted_id)
     return row
+
+
+def purge_adapted(*, session: Session, ttl_s: float, limit: int = 1000) -> int:
+    """Delete up to ``limit`` adapted weights older than ``ttl_s``, files then rows; how many."""
+    cutoff = utcnow() - timedelta(seconds=ttl_s)
+    rows = session.scalars(select(AdaptedWeights).where(AdaptedWeights.created_at < cutoff).limit(limit)).all()
+    for row in rows:
+        Path(row.path).unlink(missing_ok=True)
+        session.delete(row)
+    session.commit()
+    return len(rows)
