@@ -14,6 +14,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     Saturated,
     ServiceError,
     Unauthorized,
@@ -39,6 +40,8 @@ def field_loc(field: str) -> list[str | int]:
 
 
 def status_code_of(exc: ServiceError) -> int:
+    if isinstance(exc, QuotaExceeded):  # 403 or 429, by the kind of quota
+        return exc.status
     for cls in type(exc).__mro__:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
@@ -51,9 +54,12 @@ def error_response(exc: ServiceError) -> JSONResponse:
     if isinstance(exc, InvalidInput):
         # The shape of FastAPI's own validation errors, so clients parse one format.
         body: dict = {"detail": [{"type": "value_error", "loc": field_loc(exc.field), "msg": exc.reason}]}
+    elif isinstance(exc, QuotaExceeded):
+        body = {"detail": str(exc), "quota": exc.quota, "limit": exc.limit, "used": exc.used,
+                "requested": exc.requested}
     else:
         body = {"detail": str(exc)}
-    if isinstance(exc, Saturated):
+    if isinstance(exc, Saturated | QuotaExceeded) and exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

@@ -128,6 +128,30 @@ class Settings(BaseSettings):
         "submission, without building it); more answers 422 naming model")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies answer 413")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is remembered")
+    # Per-tenant quotas (service.quotas): the defaults; an admin overrides them per tenant (PUT /quotas/{tenant}).
+    quota_jobs: int = Field(16, ge=0, le=2**31 - 1, description="per tenant: jobs queued or running at once (429)")
+    quota_sweeps: int = Field(8, ge=0, le=2**31 - 1, description="per tenant: sweeps queued or running at once (429)")
+    quota_workers: int = Field(
+        64, ge=0, le=2**31 - 1, description="per tenant: Ray workers of its queued and running jobs, and of its "
+        "sweeps' concurrent trials (max_concurrent_trials x workers per trial) (429)")
+    quota_cpus: int = Field(256, ge=0, le=2**31 - 1, description="per tenant: CPUs of those workers (429)")
+    quota_gpus: int = Field(16, ge=0, le=2**31 - 1, description="per tenant: GPUs of those workers (429)")
+    quota_iterations: int = Field(
+        1_000_000, ge=0, le=2**31 - 1, description="per job, and per trial of a sweep: outer.iterations (403)")
+    quota_trials: int = Field(1000, ge=0, le=2**31 - 1, description="per sweep: num_samples x grid points (403)")
+    quota_models: int = Field(
+        1000, ge=0, le=2**31 - 1, description="per tenant: stored models, counting one for each queued or running "
+        "job and sweep (each registers one when it succeeds) (403 at submission)")
+    quota_model_bytes: int = Field(
+        10 * 1024**3, ge=0, le=2**62, description="per tenant: bytes of stored model files; a submission is refused "
+        "once they reach it (403)")
+    quota_adaptations: int = Field(
+        8, ge=0, le=2**31 - 1, description="per tenant and API replica: adaptation queries in flight (429)")
+    quota_retry_after_s: int = Field(
+        30, ge=1, le=3600, description="Retry-After of a 429 for a jobs, sweeps, workers, CPUs or GPUs quota")
+    quota_cache_s: float = Field(
+        5.0, ge=0, le=3600, description="seconds a replica remembers a tenant's adaptations quota (an admin's "
+        "change reaches the other replicas within this time)")
 
     @field_validator("data_roots", "model_allowlist", mode="before")
     @classmethod

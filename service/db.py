@@ -1,4 +1,5 @@
-"""Persistence: SQLAlchemy 2 tables for jobs, metric series, sweeps, models, adapted weights and API keys.
+"""Persistence: SQLAlchemy 2 tables for jobs, metric series, sweeps, models, adapted weights, API keys and
+per-tenant quota overrides.
 
 SQLite (the default, a file under ``data_dir``) runs in WAL mode so the API reads while the job
 manager writes; PostgreSQL (``MAML_DATABASE_URL=postgresql+psycopg://...``) runs on psycopg 3 with a
@@ -25,6 +26,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Connection,
     DateTime,
@@ -211,6 +213,30 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class TenantQuota(Base):
+    """A tenant's quota overrides (``service.quotas``): a null column is the setting's default.
+
+    The row is also what a submission locks (``SELECT ... FOR UPDATE``) while it checks the
+    tenant's use and inserts its run, so concurrent submissions of one tenant take turns; a tenant
+    without overrides gets an all-null row the first time it submits.
+    """
+
+    __tablename__ = "tenant_quotas"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jobs: Mapped[int | None] = mapped_column(Integer)
+    sweeps: Mapped[int | None] = mapped_column(Integer)
+    workers: Mapped[int | None] = mapped_column(Integer)
+    cpus: Mapped[int | None] = mapped_column(Integer)
+    gpus: Mapped[int | None] = mapped_column(Integer)
+    iterations: Mapped[int | None] = mapped_column(Integer)
+    trials: Mapped[int | None] = mapped_column(Integer)
+    models: Mapped[int | None] = mapped_column(Integer)
+    model_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    adaptations: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -47,6 +47,29 @@ class Saturated(ServiceError):
         self.retry_after = max(1, int(retry_after))
 
 
+class QuotaExceeded(ServiceError):
+    """A tenant's quota refuses the request (``service.quotas``): 429 with Retry-After for a quota that
+    frees up as the tenant's work ends (concurrent jobs, sweeps, workers, CPUs, GPUs, adaptations),
+    403 for a size limit that waiting does not lift (iterations, trials, stored models and bytes).
+
+    ``used`` is what the tenant holds now (for a per-run limit, what this run asks for), ``requested``
+    what the request would add (None where that is not known before it runs: a model's bytes).
+    """
+
+    def __init__(self, quota: str, *, limit: float, used: float, requested: float | None, status: int,
+                 retry_after: int | None = None) -> None:
+        if status not in (403, 429):
+            raise ValueError(f"a quota answers 403 or 429, not {status}")
+        asked = f", requested {_number(requested)}" if requested is not None else ""
+        super().__init__(f"quota '{quota}' exceeded: limit {_number(limit)}, in use {_number(used)}{asked}")
+        self.quota, self.limit, self.used, self.requested, self.status = quota, limit, used, requested, status
+        self.retry_after = max(1, int(retry_after)) if status == 429 and retry_after is not None else None
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 class PayloadTooLarge(ServiceError):
     """The request body is over the configured limit (413)."""
 

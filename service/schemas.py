@@ -262,3 +262,69 @@ class KeyCreated(KeyPublic):
 class KeysPublic(BaseModel):
     data: list[KeyPublic]
     count: int
+
+
+# ------------------------------------------------------------------------------------------- quotas
+
+_INT32 = 2**31 - 1  # the quota columns are 32-bit integers, but for bytes
+
+
+class QuotaLimits(BaseModel):
+    """A tenant's quotas: each one its override, else the setting's default (``MAML_QUOTA_<NAME>``).
+
+    Over a concurrency quota (jobs, sweeps, workers, cpus, gpus, adaptations) a request answers 429
+    with Retry-After; over a size limit (iterations, trials, models, model_bytes), 403.
+    """
+
+    jobs: int = Field(description="jobs queued or running at once")
+    sweeps: int = Field(description="sweeps queued or running at once")
+    workers: int = Field(description="Ray workers of queued and running jobs, plus each sweep's concurrent trials "
+                         "(max_concurrent_trials, else all its trials) x workers per trial")
+    cpus: int = Field(description="CPUs of those workers (workers x resources.cpus_per_worker)")
+    gpus: int = Field(description="GPUs of those workers (workers x resources.gpus_per_worker)")
+    iterations: int = Field(description="outer.iterations of one job, or of one trial of a sweep")
+    trials: int = Field(description="trials of one sweep (num_samples x grid points)")
+    models: int = Field(description="stored models, each queued or running job and sweep counting as one more")
+    model_bytes: int = Field(description="bytes of the stored models' files")
+    adaptations: int = Field(description="adaptation queries in flight (per API replica)")
+
+
+class QuotaOverrides(_In):
+    """Overrides of a tenant's quotas (non-negative integers). PUT: the given ones, the others back to
+    their defaults; PATCH: the given ones only, ``null`` putting one back to its default."""
+
+    jobs: int | None = Field(None, ge=0, le=_INT32)
+    sweeps: int | None = Field(None, ge=0, le=_INT32)
+    workers: int | None = Field(None, ge=0, le=_INT32)
+    cpus: int | None = Field(None, ge=0, le=_INT32)
+    gpus: int | None = Field(None, ge=0, le=_INT32)
+    iterations: int | None = Field(None, ge=0, le=_INT32)
+    trials: int | None = Field(None, ge=0, le=_INT32)
+    models: int | None = Field(None, ge=0, le=_INT32)
+    model_bytes: int | None = Field(None, ge=0, le=2**62)
+    adaptations: int | None = Field(None, ge=0, le=_INT32)
+
+
+class QuotaUse(BaseModel):
+    """What a tenant holds now, in the units of its quotas (iterations and trials are per run: no use)."""
+
+    jobs: int = Field(description="jobs queued or running")
+    sweeps: int = Field(description="sweeps queued or running")
+    workers: int
+    cpus: float
+    gpus: float
+    models: int = Field(description="stored models plus the queued and running jobs and sweeps")
+    model_bytes: int
+    adaptations: int = Field(description="adaptation queries in flight on this API replica")
+
+
+class TenantQuotaPublic(BaseModel):
+    tenant: str
+    limits: QuotaLimits = Field(description="the quotas in force")
+    overrides: dict[str, int] = Field(description="the quotas an admin set for this tenant (the others: defaults)")
+    use: QuotaUse
+
+
+class TenantQuotasPublic(BaseModel):
+    data: list[TenantQuotaPublic]
+    count: int = Field(description="tenants in all (with a key, a quota row, a run or a model)")

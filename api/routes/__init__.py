@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.routes import adapted, health, jobs, keys, models, sweeps
+from api.routes import adapted, health, jobs, keys, models, quotas, sweeps
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
@@ -10,5 +10,6 @@ api_router.include_router(sweeps.router)
 api_router.include_router(models.router)
 api_router.include_router(adapted.router)
 api_router.include_router(keys.router)
+api_router.include_router(quotas.router)
 
 __all__ = ["api_router", "health"]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sse_starlette import EventSourceResponse
 
 from api.deps import CurrentKey, ManagerDep, PageLimit, PageOffset, ServicesDep, SessionDep, SettingsDep, check_run
-from service import jobs, runs
+from service import jobs, quotas, runs
 from service.db import Job
 from service.events import job_events
 from service.schemas import JobCreate, JobPublic, JobsPublic, JobStatus, MetricPoint, MetricsPublic
@@ -19,8 +19,16 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(body: JobCreate, session: SessionDep, key: CurrentKey, settings: SettingsDep,
                manager: ManagerDep) -> JobPublic:
-    """Submit a job: 201 with the job, queued. A spec the server's policy refuses answers 422."""
-    job = jobs.create_job(session=session, tenant=key.tenant, spec=jobs.check_spec(body, settings))
+    """Submit a job: 201 with the job, queued. A spec the server's policy refuses answers 422; one over
+    the tenant's quotas, 429 (concurrent jobs, workers, CPUs, GPUs: retry later) or 403 (iterations,
+    stored models), naming the quota, its limit and the use."""
+    demand = quotas.job_demand(body)
+    # Before the policy's checks, which build the model: a tenant over its quota costs no more than this.
+    quotas.precheck(session=session, settings=settings, tenant=key.tenant, demand=demand)
+    spec = jobs.check_spec(body, settings)
+    # Locks the tenant's quotas until create_job commits: concurrent submissions never go over together.
+    quotas.admit(session=session, settings=settings, tenant=key.tenant, demand=demand)
+    job = jobs.create_job(session=session, tenant=key.tenant, spec=spec)
     manager.submit(job.id)
     return JobPublic.from_row(job)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from api.deps import CurrentKey, PageLimit, PageOffset, ServicesDep, SessionDep, SettingsDep, SweepManagerDep, check_run
-from service import runs, sweeps
+from service import quotas, runs, sweeps
 from service.db import Sweep
 from service.events import sweep_events
 from service.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepStatus
@@ -19,8 +19,13 @@ def create_sweep(body: SweepCreate, session: SessionDep, key: CurrentKey, settin
                  manager: SweepManagerDep) -> SweepPublic:
     """Submit a sweep: 201 with the sweep, queued. A bad search space (empty, an unknown field path,
     low above high, a value the job spec refuses) or a base the server's policy refuses answers 422
-    naming the field."""
-    sweep = sweeps.create_sweep(session=session, tenant=key.tenant, spec=sweeps.check_sweep(body, settings))
+    naming the field. A sweep over the tenant's quotas answers 429 (concurrent sweeps, workers, CPUs,
+    GPUs: retry later) or 403 (trials, iterations per trial, stored models), naming the quota."""
+    demand = quotas.sweep_demand(body)
+    quotas.precheck(session=session, settings=settings, tenant=key.tenant, demand=demand)
+    spec = sweeps.check_sweep(body, settings)
+    quotas.admit(session=session, settings=settings, tenant=key.tenant, demand=demand)  # held to the commit
+    sweep = sweeps.create_sweep(session=session, tenant=key.tenant, spec=spec)
     manager.submit(sweep.id)
     return SweepPublic.from_row(sweep)
 
