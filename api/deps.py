@@ -17,6 +17,7 @@ from service.adaptation import Adapter
 from service.config import Settings
 from service.db import RunState
 from service.errors import Forbidden, Unavailable
+from service.events import StreamSlots
 from service.keys import Authenticator, Principal
 from service.manager import JobManager, SweepManager
 from service.metrics import ServiceMetrics
@@ -34,6 +35,7 @@ class Services:
     sweeps: SweepManager
     authenticator: Authenticator
     metrics: ServiceMetrics
+    streams: StreamSlots | None = None  # event streams open per tenant
     ray_child: RayChild | None = None  # the supervised reconciler (MAML_RAY_PROCESS=child)
 
 

@@ -28,6 +28,7 @@ from service import jobs
 from service.adaptation import Adapter
 from service.config import Settings, get_settings
 from service.db import init_db, make_engine, make_session_factory
+from service.events import StreamSlots
 from service.keys import Authenticator
 from service.manager import JobManager, RunFn, SweepManager, default_run_fn
 from service.metrics import ServiceMetrics
@@ -78,7 +79,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
         app.state.services = Services(engine=engine, session_factory=session_factory, manager=manager,
                                       adapter=adapter, sweeps=sweep_manager,
                                       authenticator=Authenticator(settings, session_factory), metrics=metrics,
-                                      ray_child=ray_child)
+                                      ray_child=ray_child, streams=StreamSlots(settings.max_streams_per_tenant,
+                                                                                settings.adapt_retry_after_s))
         logger.info("maml-service ready: data in %s, database %s", settings.data_dir,
                     engine.url.render_as_string(hide_password=True))
         try:

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     metrics_flush_s: float = Field(
         0.5, ge=0, le=60, description="at most this often a running job's metrics are written to the database")
     stop_timeout_s: float = Field(30.0, ge=0, description="on shutdown, wait this long for running jobs")
+    max_streams_per_tenant: int = Field(
+        16, ge=1, le=10_000, description="event streams (SSE) one tenant may hold open on one replica; more: 429")
     events_poll_s: float = Field(0.25, gt=0, le=10, description="how often the SSE stream looks for news")
     adapt_max_concurrency: int = Field(4, ge=1, le=256, description="adaptation queries computed at once")
     adapt_queue_limit: int = Field(

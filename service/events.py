@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs, runs
 from service.db import TERMINAL_STATUSES, Job, Sweep
+from service.errors import QuotaExceeded
 from service.schemas import JobPublic, MetricPoint, SweepPublic
 
 _POINTS_PER_POLL = 1000
@@ -43,6 +46,38 @@ def _snapshot(session_factory: sessionmaker[Session], job_id: str,
         points = jobs.list_metrics(session=session, job_id=job_id, after_id=after_id, limit=_POINTS_PER_POLL,
                                    order_by_id=True)
         return JobPublic.from_row(job), [(p.id, MetricPoint.model_validate(p)) for p in points]
+
+
+class StreamSlots:
+    """The event streams open in this replica, per tenant, at most ``limit`` each
+    (``MAML_MAX_STREAMS_PER_TENANT``): one more answers 429 naming the quota ``streams``."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit, self.retry_after_s = limit, retry_after_s
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> None:
+        with self._lock:
+            if self._open[tenant] >= self.limit:
+                raise QuotaExceeded("streams", limit=self.limit, used=self._open[tenant], requested=1, status=429,
+                                    retry_after=self.retry_after_s)
+            self._open[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            self._open[tenant] -= 1
+            if self._open[tenant] <= 0:
+                del self._open[tenant]
+
+    async def hold(self, tenant: str, events: AsyncIterator[dict[str, str]]) -> AsyncIterator[dict[str, str]]:
+        """``events``, the tenant's slot (acquired by the caller) released when the stream ends or its
+        client leaves."""
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.release(tenant)
 
 
 def _event(name: str, data: Any, event_id: int | None = None) -> dict[str, str]:

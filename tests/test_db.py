@@ -261,3 +261,13 @@ def test_retry_transient_gives_back_what_the_write_returns(engine: Engine) -> No
     with make_session_factory(engine)() as session:
         assert retry_transient(session, write, backoff_s=0.0) == 42
     assert len(calls) == 2
+
+
+def test_sqlite_commits_are_durable_across_a_power_loss(tmp_path: Path) -> None:
+    """synchronous=FULL on every connection (WAL's NORMAL survives a crash of the process, not of the
+    machine: a revoked key could come back)."""
+    engine = make_engine(make_settings(tmp_path, database_url=None))
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()

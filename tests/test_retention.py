@@ -132,3 +132,38 @@ def test_adapted_weights_expire(settings: Settings) -> None:
         assert left == [second]
         files = list(registry.adapted_dir(settings.storage_path).glob("*.safetensors"))
         assert [f.stem for f in files] == [second]
+
+
+def sse_events(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            events.append(fields)
+    return events
+
+
+def test_streams_resume_after_last_event_id_and_are_capped_per_tenant(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_streams_per_tenant": 2})
+    headers = {"Authorization": "Bearer " + settings.admin_token.get_secret_value()}
+    with TestClient(make_app(settings)) as client:
+        job = submit(client, headers, outer={"iterations": 20, "meta_batch_size": 2}, eval={"every": 20, "tasks": 2})
+        wait_for_job(client, job["id"], headers)
+        url = f"{API}/jobs/{job['id']}/events"
+        everything = [e for e in sse_events(client.get(url, headers=headers).text) if e["event"] == "metrics"]
+        assert len(everything) == 20
+        resumed = sse_events(client.get(url, headers={**headers, "Last-Event-ID": everything[14]["id"]}).text)
+        assert [e["data"] for e in resumed if e["event"] == "metrics"] == [e["data"] for e in everything[15:]]
+        assert resumed[-1]["event"] == "end"
+        bad = client.get(url, headers={**headers, "Last-Event-ID": "yesterday"})
+        assert bad.status_code == 422 and "last-event-id" in bad.text.lower()
+
+        streams = client.app.state.services.streams
+        assert streams._open == {}  # every stream above gave its slot back when it ended
+        streams.acquire("admin")
+        streams.acquire("admin")  # two streams open (say, in other tabs)
+        over = client.get(url, headers=headers)
+        assert over.status_code == 429 and over.json()["quota"] == "streams" and over.json()["limit"] == 2
+        assert "retry-after" in over.headers
+        streams.release("admin")
+        assert client.get(url, headers=headers).status_code == 200

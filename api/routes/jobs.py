@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
 from api.deps import CurrentKey, ManagerDep, PageLimit, PageOffset, ServicesDep, SessionDep, SettingsDep, check_run
@@ -61,11 +61,17 @@ def get_job_metrics(job_id: str, session: SessionDep, key: CurrentKey,
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "status, progress, metrics and end events until the job ends"}})
-async def get_job_events(job_id: str, key: CurrentKey, services: ServicesDep,
-                         settings: SettingsDep) -> EventSourceResponse:
-    """Server-Sent Events of the job until it ends (see ``service.events``)."""
+async def get_job_events(job_id: str, key: CurrentKey, services: ServicesDep, settings: SettingsDep,
+                         last_event_id: Annotated[int | None, Header(ge=0, description=(
+                             "resume: the metrics after this event's (a point's) id"))] = None) -> EventSourceResponse:
+    """Server-Sent Events of the job until it ends (see ``service.events``); a reconnecting client sends
+    ``Last-Event-ID`` and gets the metrics after it. At most ``MAML_MAX_STREAMS_PER_TENANT`` streams
+    per tenant and replica (429 naming ``streams``)."""
     await check_run(services, Job, job_id, key)
-    return EventSourceResponse(job_events(services.session_factory, job_id, poll_s=settings.events_poll_s), ping=15)
+    events = job_events(services.session_factory, job_id, poll_s=settings.events_poll_s, after_id=last_event_id or 0)
+    assert services.streams is not None
+    services.streams.acquire(key.tenant)
+    return EventSourceResponse(services.streams.hold(key.tenant, events), ping=15)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)

@@ -50,10 +50,13 @@ def get_sweep(sweep_id: str, session: SessionDep, key: CurrentKey) -> SweepPubli
                              "description": "status, trials and end events until the sweep ends"}})
 async def get_sweep_events(sweep_id: str, key: CurrentKey, services: ServicesDep,
                            settings: SettingsDep) -> EventSourceResponse:
-    """Server-Sent Events of the sweep's trials until it ends (see ``service.events``)."""
+    """Server-Sent Events of the sweep's trials until it ends (see ``service.events``); at most
+    ``MAML_MAX_STREAMS_PER_TENANT`` streams per tenant and replica (429 naming ``streams``)."""
     await check_run(services, Sweep, sweep_id, key)
-    return EventSourceResponse(sweep_events(services.session_factory, sweep_id, poll_s=settings.events_poll_s),
-                               ping=15)
+    assert services.streams is not None
+    services.streams.acquire(key.tenant)
+    events = sweep_events(services.session_factory, sweep_id, poll_s=settings.events_poll_s)
+    return EventSourceResponse(services.streams.hold(key.tenant, events), ping=15)
 
 
 @router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepPublic)
