@@ -28,7 +28,7 @@ from workers.models import build_model, parameter_count
 from workers.rl.program import build_family, build_policy
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
 from workers.supervised import torch_dtype
-from workers.tasks import build_task_family
+from workers.tasks import check_task
 
 # ------------------------------------------------------------------------------------------ policy
 
@@ -59,9 +59,11 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     imported), a factory that refuses its kwargs, a dataset path outside the data roots, a dataset
     that cannot give the tasks asked for (more ways than classes, fewer images than shots plus
     queries), a model that does not fit the task's inputs, a model over
-    ``MAML_MAX_MODEL_PARAMETERS``. The task family is built here (for meta-RL, the environment
-    family) and the model on PyTorch's meta device (shapes only: nothing of a tenant's size is
-    allocated in this process), so such a job is refused at submission instead of failing later.
+    ``MAML_MAX_MODEL_PARAMETERS``. The task is checked without decoding any dataset
+    (``workers.tasks.check_task``: Omniglot from its zips' listings; for meta-RL, the environment
+    family is built) and the model is built on PyTorch's meta device (shapes only): nothing of a
+    tenant's size is allocated or decoded in this process, and such a job is refused at submission
+    instead of failing later.
     """
     spec = spec.model_copy(deep=True)
     if spec.model.factory is not None:
@@ -79,11 +81,10 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
             env_family = build_family(spec)  # the environments can be made here (half-cheetah needs MuJoCo)
             count = _count_parameters(spec, lambda: build_policy(spec, env_family))
         else:
-            family = build_task_family(spec.task, data_root=settings.data_root, cache_dir=settings.cache_path,
-                                       dtype=torch_dtype(spec))
+            input_shape, output_dim = check_task(spec.task, data_root=settings.data_root,
+                                                 cache_dir=settings.cache_path, dtype=torch_dtype(spec))
             count = _count_parameters(spec, lambda: build_model(
-                spec.model, input_shape=family.input_shape, output_dim=family.output_dim,
-                allowed_modules=settings.model_allowlist))
+                spec.model, input_shape=input_shape, output_dim=output_dim, allowed_modules=settings.model_allowlist))
     except SpecError as exc:  # DatasetError, ModelError, an environment: the field is theirs
         raise InvalidInput(exc.field, exc.detail) from exc
     if count > settings.max_model_parameters:

@@ -221,3 +221,30 @@ def test_content_length_beside_chunked_encoding_cannot_pass_the_body_limit(tmp_p
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.data
+def test_an_omniglot_submission_decodes_nothing(tmp_path: Path, omniglot_root: Path) -> None:
+    """A new ``image_size`` used to decode all 32,000 drawings inside the request (and write a cache
+    file): the submission is now checked from the zips' listings, and the drivers decode."""
+    settings = make_settings(tmp_path, data_root=omniglot_root)
+    headers = {"Authorization": "Bearer " + settings.admin_token.get_secret_value()}
+    spec = {"name": "omni", "task": {"family": "omniglot", "ways": 5, "shots": 1, "queries": 5, "image_size": 57},
+            "model": {"name": "conv4"}}
+    with TestClient(make_app(settings, runner=not_trained)) as test_client:
+        start = time.perf_counter()
+        r = test_client.post(f"{API}/jobs", json=spec, headers=headers)
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 201, r.text
+        assert elapsed < 2, elapsed
+        assert not list(settings.cache_path.rglob("*57px*"))  # nothing decoded, nothing cached
+        # Still refused at once when the data cannot give the tasks (the official split's evaluation
+        # half has 659 characters).
+        bad = {**spec, "task": {**spec["task"], "ways": 700, "split": "official"}}
+        r = test_client.post(f"{API}/jobs", json=bad, headers=headers)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "ways", r.text
+        assert "only 659" in r.text
+
+
+def not_trained(spec, **kwargs):
+    raise RuntimeError("not trained in this test")

@@ -10,7 +10,7 @@ from workers.errors import DatasetError
 from workers.spec import ImageFolderTask, OmniglotTask, SinusoidTask
 from workers.tasks.base import Task, TaskFamily
 
-__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family"]
+__all__ = ["DatasetError", "Task", "TaskFamily", "build_task_family", "check_task"]
 
 
 def build_task_family(
@@ -41,3 +41,22 @@ def build_task_family(
 
         return ImageFolderFamily(spec_task, dtype=dtype)
     raise ValueError(f"task.family: unknown task family {getattr(spec_task, 'family', spec_task)!r}")
+
+
+def check_task(
+    spec_task: SinusoidTask | OmniglotTask | ImageFolderTask,
+    *,
+    data_root: Path | None = None,
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[tuple[int, ...], int]:
+    """What :func:`build_task_family` checks, and the family's ``(input_shape, output_dim)``, with no
+    dataset decoded: Omniglot is checked from its zips' listings (building it decodes 32,000
+    drawings per image size); the other families are cheap to build and are built."""
+    if isinstance(spec_task, OmniglotTask):
+        from workers.tasks import omniglot
+
+        omniglot.check(spec_task, data_root)
+        return (1, spec_task.image_size, spec_task.image_size), spec_task.ways
+    family = build_task_family(spec_task, data_root=data_root, cache_dir=cache_dir, dtype=dtype)
+    return family.input_shape, family.output_dim

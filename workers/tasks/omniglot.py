@@ -309,19 +309,8 @@ class OmniglotFamily(EpisodeFamily):
         self.folder = find_folder(spec.path, data_root)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.data = load_omniglot(self.folder, spec.image_size, cache)
-        if len(self.data.characters) < 2 or (spec.split == "official"
-                                             and not 0 < self.data.background < len(self.data.characters)):
-            raise DatasetError("task.path", f"{self.folder}: too few characters to split "
-                               f"({self.data.background} background, "
-                               f"{len(self.data.characters) - self.data.background} evaluation)")
-        rotations = 4 if spec.split == "paper" else 1
         self.characters = split_characters(self.data, spec.split)
-        self.classes = {name: split_classes(chars, rotations) for name, chars in self.characters.items()}
-        for name in ("train", "test"):
-            if len(self.classes[name]) < spec.ways:
-                raise DatasetError("task.ways", f"{spec.ways}-way tasks need {spec.ways} classes, but the "
-                                   f"'{name}' half of the {spec.split} split has only "
-                                   f"{len(self.classes[name])}")
+        self.classes = split_counts_checked(spec, self.folder, self.characters)
 
     def class_sizes(self, split: Split) -> list[int]:
         return [DRAWINGS] * len(self.classes[split])
@@ -330,3 +319,52 @@ class OmniglotFamily(EpisodeFamily):
         character, turns = self.classes[split][c]
         drawings = np.rot90(self.data.images[character, items], k=int(turns), axes=(1, 2))
         return drawings[:, None]  # (len(items), 1, S, S)
+
+
+def split_counts_checked(spec: OmniglotTask, folder: Path, characters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The classes of each split (each rotation of a character a class); DatasetError when a split
+    is empty or has fewer classes than ``spec.ways``."""
+    if any(len(chars) == 0 for chars in characters.values()):
+        sizes = ", ".join(f"{name} {len(chars)}" for name, chars in characters.items() if name != "val")
+        raise DatasetError("task.path", f"{folder}: too few characters to split ({sizes})")
+    rotations = 4 if spec.split == "paper" else 1
+    classes = {name: split_classes(chars, rotations) for name, chars in characters.items()}
+    for name in ("train", "test"):
+        if len(classes[name]) < spec.ways:
+            raise DatasetError("task.ways", f"{spec.ways}-way tasks need {spec.ways} classes, but the "
+                               f"'{name}' half of the {spec.split} split has only {len(classes[name])}")
+    return classes
+
+
+def check(spec: OmniglotTask, data_root: Path | None) -> None:
+    """Everything :class:`OmniglotFamily` checks, from the zips' listings alone: no drawing is
+    decoded and nothing of the data's size is allocated (the control plane's check at submission)."""
+    if spec.shots + spec.queries > DRAWINGS:
+        raise DatasetError("task.shots", f"shots + queries = {spec.shots + spec.queries}: Omniglot has "
+                           f"only {DRAWINGS} drawings per character")
+    folder = find_folder(spec.path, data_root)
+    count, background = count_characters(folder)
+    shape_only = OmniglotData(np.empty((count, 0, 0, 0), np.uint8), ("",) * count, background)
+    split_counts_checked(spec, folder, split_characters(shape_only, spec.split))
+
+
+def count_characters(folder: Path) -> tuple[int, int]:
+    """(characters, of which in the background zip) from the zips' listings, each character checked
+    to have its 20 drawings, as :func:`decode_zips` finds them."""
+    count, background = 0, 0
+    for name in ZIPS:
+        with _open_zip(folder / name) as archive:
+            by_character: dict[str, int] = {}
+            for info in _png_members(archive):
+                character = posixpath.dirname(info.filename)
+                by_character[character] = by_character.get(character, 0) + 1
+        if not by_character:
+            raise DatasetError("task.path", f"{folder / name} holds no PNG images")
+        for character, drawings in sorted(by_character.items()):
+            if drawings != DRAWINGS:
+                raise DatasetError("task.path", f"{folder / name}: {character} has {drawings} drawings, "
+                                   f"expected {DRAWINGS}")
+        count += len(by_character)
+        if name == ZIPS[0]:
+            background = count
+    return count, background
