@@ -13,7 +13,9 @@ process, restarts it when it ends, and reads its heartbeat for ``/readyz``. This
 * writes a heartbeat file every second, with the state of its Ray cluster; when the cluster stops
   answering for ``RAY_UNRESPONSIVE_S`` (a dead GCS) it exits, so that it is restarted with a
   fresh one;
-* on SIGTERM stops its queues (drivers on the embedded cluster are interrupted resumably) and exits.
+* on SIGTERM, or when the API process that started it is gone (``kill -9``), stops its queues
+  (drivers on the embedded cluster are interrupted resumably, those on an external one go on)
+  and exits.
 """
 
 from __future__ import annotations
@@ -75,8 +77,12 @@ def run(settings: Settings, heartbeat: Path, stop: threading.Event) -> None:
             stop.wait(HEARTBEAT_S)
 
     threading.Thread(target=probe, name="maml-ray-probe", daemon=True).start()
+    parent = os.getppid()
     try:
         while not stop.wait(HEARTBEAT_S):
+            if os.getppid() != parent:  # the API process is gone (kill -9): stop as on SIGTERM
+                logger.warning("the API process %d is gone; stopping", parent)
+                break
             silent = time.monotonic() - answered["at"]
             write_heartbeat(heartbeat, {"ray": silent < RAY_UNRESPONSIVE_S / 3, "ray_cpus": answered["cpus"],
                                         "ray_silent_s": round(silent, 1)})

@@ -1,6 +1,6 @@
 """Faults of the embedded Ray under a real ``maml serve`` (uvicorn, SQLite, MAML_RAY_PROCESS=child).
 
-``kill -9`` of the embedded raylet, or of its GCS, in the middle of a job: the API process stays
+``kill -9`` of the embedded raylet, of its GCS, or of the whole service, in the middle of a job: the API process stays
 up and keeps answering (it is not a Ray driver; its reconciler child is, and dies with the
 cluster); the supervisor restarts the reconciler with a fresh cluster, the job's lease expires,
 and a new driver resumes it from its last checkpoint: the job ends ``succeeded`` in a second
@@ -19,7 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from cluster import Replicas, descendants
+from safetensors.torch import load, load_file
+
+from workers.run import run_training
+from workers.spec import JobSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -71,3 +76,46 @@ def test_the_service_survives_its_embedded_ray_and_resumes_the_job(service: Repl
     assert json.loads(heartbeat.read_text())["pid"] != reconciler
     assert service.procs["a"].poll() is None
     print(f"{victim} killed: job finished {recovered_s:.1f}s later")
+
+
+def test_killing_the_whole_service_resumes_the_job_to_the_weights_of_an_uninterrupted_run(
+        service: Replicas, tmp_path: Path) -> None:
+    """kill -9 of the API: its reconciler notices its parent is gone, stops the embedded cluster's
+    drivers resumably (the job goes back to queued) and exits, leaving nothing running. The next
+    start resumes the job from its checkpoint, and it ends with the weights an uninterrupted run of
+    the same spec reaches."""
+    key = service.tenant_key("a")
+    heartbeat = service.root / "data" / "reconciler" / "heartbeat.json"
+    spec = {**JOB, "outer": {"iterations": 1500, "meta_batch_size": 4}, "eval": {"every": 1500, "tasks": 5,
+                                                                              "steps": 5}}
+    with service.client("a", key) as api:
+        job = api.post("/jobs", json=spec).json()
+        deadline = time.monotonic() + 120
+        while api.get(f"/jobs/{job['id']}").json()["progress"]["iteration"] < 250:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    reconciler = json.loads(heartbeat.read_text())["pid"]
+    service.kill("a")
+    deadline = time.monotonic() + 60
+    while (row := service.row("jobs", job["id"]))["status"] != "queued" or Path(f"/proc/{reconciler}").exists():
+        assert time.monotonic() < deadline, (row["status"], Path(f"/proc/{reconciler}").exists())
+        time.sleep(0.3)
+    assert row["lease_owner"] is None and row["iteration"] < 1500
+
+    service.start("b")
+    with service.client("b", key) as api:
+        deadline = time.monotonic() + 240
+        while (done := api.get(f"/jobs/{job['id']}").json())["status"] not in TERMINAL:
+            assert time.monotonic() < deadline, done
+            time.sleep(0.5)
+        series = api.get(f"/jobs/{job['id']}/metrics", params={"limit": 10_000}).json()["data"]
+        weights = load(api.get(f"/models/{done['model_id']}/weights").content)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    assert sorted(p["iteration"] for p in series) == list(range(1, 1501))
+
+    reference = run_training(JobSpec.model_validate(job["spec"]), run_dir=tmp_path / "reference",
+                             reporter=lambda *_: None, should_stop=lambda: False, use_ray=False)
+    expected = load_file(str(Path(reference.model_dir) / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(weights[name], tensor, rtol=1e-5, atol=1e-6), name
