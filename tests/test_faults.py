@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +121,37 @@ def test_killing_the_whole_service_resumes_the_job_to_the_weights_of_an_uninterr
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.allclose(weights[name], tensor, rtol=1e-5, atol=1e-6), name
+
+
+CHECK_AFTER = """
+import os, sys
+from workers.checkpoint import latest_checkpoint
+ckpt = latest_checkpoint(sys.argv[1])
+print("LATEST", ckpt.iteration if ckpt else None, "ENTRIES", sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_fails_the_job_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """Checkpoints on a 16 MiB tmpfs (a private mount namespace: `unshare -m`, root only), a model whose
+    checkpoint (weights and Adam's state) takes 12.6 MB: the first fits, the second fills the disk.
+    The run fails naming the cause, the staging folder is removed, and the first checkpoint loads."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private mount namespace here (unshare -m: {probe.stderr.decode().strip()}); "
+                    "this test needs root")
+    spec = {"name": "full-disk", "model": {"name": "mlp", "hidden": [1024, 1024]},
+            "outer": {"iterations": 60, "meta_batch_size": 2}, "eval": {"every": 60, "tasks": 2, "steps": 1},
+            "checkpoint": {"every": 20, "keep": 2}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    mount = tmp_path / "ckpt"
+    mount.mkdir()
+    script = ('mount -t tmpfs -o size=16m tmpfs "$1" || exit 90; '
+              '"$2" -m workers train "$3" --run-dir "$4" --local --checkpoint-dir "$1"; echo "EXIT $?"; '
+              '"$2" -c "$5" "$1"')
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(mount), sys.executable,
+                           str(tmp_path / "spec.json"), str(tmp_path / "run"), CHECK_AFTER],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    out = done.stdout + done.stderr
+    assert "EXIT 1" in out, out[-3000:]
+    assert "TrainingError: writing the checkpoint of iteration 40" in out and "No space left on device" in out
+    assert "LATEST 20 ENTRIES ['iter_00000020']" in out, out[-3000:]

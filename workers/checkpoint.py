@@ -22,6 +22,7 @@ never read, and removed by a later save.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -142,7 +143,12 @@ class _Store:
             staging = self._path(f".tmp-{name}-{os.getpid()}")
             self._delete(staging)
             self.fs.create_dir(staging, recursive=True)
-            self._write_files(staging, files)
+            try:
+                self._write_files(staging, files)
+            except BaseException:  # a full disk, say: free what was written; older checkpoints stay whole
+                with contextlib.suppress(Exception):
+                    self._delete(staging)
+                raise
             self._delete(self._path(name))  # a rename does not replace a non-empty directory
             self.fs.move(staging, self._path(name))
             _fsync(self.root)  # the rename itself

@@ -118,14 +118,18 @@ class Trainer:
     def checkpoint(self) -> Path | str:
         self.program.sync(self.group)
         optimizer = self.optimizer
-        return save_checkpoint(self.checkpoint_dir, Checkpoint(
-            iteration=self.iteration,
-            model=self.model.state_dict(),
-            optimizer=optimizer.state_dict() if optimizer is not None else _NO_OPTIMIZER_STATE,
-            spec=self.spec.model_dump(mode="json"),
-            rng_state=torch.get_rng_state(),
-            metrics=self.last_metrics,
-        ), keep=self.spec.checkpoint.keep)
+        try:
+            return save_checkpoint(self.checkpoint_dir, Checkpoint(
+                iteration=self.iteration,
+                model=self.model.state_dict(),
+                optimizer=optimizer.state_dict() if optimizer is not None else _NO_OPTIMIZER_STATE,
+                spec=self.spec.model_dump(mode="json"),
+                rng_state=torch.get_rng_state(),
+                metrics=self.last_metrics,
+            ), keep=self.spec.checkpoint.keep)
+        except OSError as exc:  # a full disk, a lost mount: the job fails with it; the last checkpoint stays
+            raise TrainingError(f"writing the checkpoint of iteration {self.iteration} to {self.checkpoint_dir} "
+                                f"failed: {exc}", self.iteration) from exc
 
     def evaluate(self) -> dict[str, float]:
         self.program.sync(self.group)
