@@ -425,8 +425,9 @@ def write_report(result: dict[str, Any], stem: str) -> None:
               "Claim: the first GET that no longer shows the job queued (its driver has claimed the row). "
               "With drivers on Ray the replica's reconciler finds the job at its next round (every "
               f"{result['maintenance_period_s']:g} s) and starts the driver actor (a Ray worker process of its "
-              "own, which imports the service), which then starts the job's worker group (another actor); "
-              "the baseline replica claims at once and starts only the worker group.", "",
+              "own, which imports the service), which trains a one-worker CPU job itself (it reserved the "
+              "worker's CPUs); the baseline replica claims at once and starts the job's worker group (a Ray "
+              "actor).", "",
               "## Killing the replica that accepted a job (drivers=ray)", "",
               f"Two replicas; the job is posted to `api-a`; its row is read from the database every "
               f"{kill['poll_s'] * 1000:.0f} ms. After {kill['window_s']:g} s `api-a` is killed as a lost pod "

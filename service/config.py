@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         "child", description="which process joins Ray: 'child', a reconciler the API supervises and restarts (the "
         "API process cannot die with a raylet; drivers run on Ray), or 'api', the API process itself")
     reconcile_interval_s: float = Field(
-        1.0, gt=0, le=60, description="how often queued runs are looked for and runs whose driver died are requeued")
+        0.25, gt=0, le=60, description="how often queued runs are looked for and runs whose driver died are requeued")
     driver_cpus: float = Field(
         0.25, ge=0, le=64, description="CPUs each driver actor reserves on Ray; above 0, no driver is placed on "
         "a node that offers none (the head, the API replicas' nodes)")

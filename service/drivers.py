@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 NAMESPACE = "maml"
 LAUNCH_TRIES = 3  # a driver that fails to start this many times fails its run
+GC_EVERY_S = 5.0  # how often the actors of ended runs are looked for (a call to the GCS)
 
 
 def actor_name(kind: str, run_id: str) -> str:
@@ -85,29 +86,37 @@ class Launcher:
         self._drives: dict[Any, tuple[str, Any, float]] = {}  # a drive's ObjectRef -> (run id, actor, launched at)
         self._launched: dict[str, float] = {}  # run id -> when this replica last launched its driver
         self._failed_starts: Counter[str] = Counter()
+        self._last_gc = float("-inf")
         self._lock = threading.Lock()
 
-    def _actor(self, run_id: str) -> Any:
+    def _actor(self, run_id: str, cpus: float) -> Any:
         return self._actor_cls.options(
             name=actor_name(self.kind, run_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-            num_cpus=self.settings.driver_cpus, max_concurrency=4, max_restarts=0,
+            num_cpus=cpus, max_concurrency=4, max_restarts=0,
         ).remote(self.queue_cls, self.settings)
 
     def reconcile(self, session: Session, queued: list[str], limit: int) -> None:
         """Collect the drives that ended, kill the drivers of ended runs, and launch drivers for
         ``queued`` (oldest first) while fewer than ``limit`` runs are running."""
         self._collect(session)
-        self._collect_garbage(session)
+        if time.monotonic() - self._last_gc >= GC_EVERY_S:
+            self._last_gc = time.monotonic()
+            self._collect_garbage(session)
         free = limit - runs.count_running(session=session, table=self.table)
         now = time.monotonic()
+        launch = []
         for run_id in queued:
             if free <= 0:
                 break
             free -= 1
-            if now - self._launched.get(run_id, float("-inf")) < self.settings.lease_ttl_s:
-                continue  # launched a moment ago and not claimed yet
+            if now - self._launched.get(run_id, float("-inf")) >= self.settings.lease_ttl_s:
+                launch.append(run_id)  # (not if launched a moment ago and not claimed yet)
+        specs = dict(session.execute(select(self.table.id, self.table.spec).where(self.table.id.in_(launch))).all())
+        for run_id in launch:
+            if run_id not in specs:  # deleted meanwhile
+                continue
             self._launched[run_id] = now
-            actor = self._actor(run_id)
+            actor = self._actor(run_id, self.queue_cls.driver_cpus(specs[run_id], self.settings))
             with self._lock:
                 self._drives[actor.drive.remote(run_id)] = (run_id, actor, now)
             logger.info("%s %s: driver launched on the Ray cluster", self.kind, run_id)

@@ -49,7 +49,7 @@ class RunFn(Protocol):
     def __call__(self, spec: JobSpec, *, run_dir: Path, reporter: Callable[[int, dict[str, float]], None],
                  should_stop: Callable[[], bool], data_root: Path | None = None, cache_dir: Path | None = None,
                  allowed_modules: Iterable[str] | None = None, report_every: int = 1,
-                 checkpoint_dir: str | Path | None = None) -> TrainResult: ...
+                 checkpoint_dir: str | Path | None = None, use_ray: bool = True) -> TrainResult: ...
 
 
 def default_run_fn(settings: Settings) -> RunFn:
@@ -157,11 +157,27 @@ class JobManager(RunQueue[Job]):
         super().__init__(settings=settings, session_factory=session_factory, slots=settings.max_concurrent_jobs,
                          max_attempts=settings.max_job_attempts)
         self.run_fn = run_fn
+        self.in_driver = False  # a driver actor's queue (for_driver), which reserved a one-worker job's CPUs
         self.metrics = metrics or ServiceMetrics()
 
     @classmethod
     def for_driver(cls, *, settings: Settings, session_factory: sessionmaker[Session]) -> JobManager:
-        return cls(settings=settings, session_factory=session_factory, run_fn=default_run_fn(settings))
+        queue = cls(settings=settings, session_factory=session_factory, run_fn=default_run_fn(settings))
+        queue.in_driver = True
+        return queue
+
+    @staticmethod
+    def trains_in_driver(spec: JobSpec) -> bool:
+        """A one-worker CPU job trains in its driver actor, which reserves the worker's CPUs: no second
+        process to start (a Ray worker's start and imports: seconds) and nothing to send between two."""
+        return spec.resources.workers == 1 and spec.resources.gpus_per_worker == 0
+
+    @classmethod
+    def driver_cpus(cls, spec: dict[str, Any], settings: Settings) -> float:
+        job = JobSpec.model_validate(spec)
+        if cls.trains_in_driver(job):
+            return max(settings.driver_cpus, job.resources.cpus_per_worker)
+        return settings.driver_cpus
 
     def start(self) -> None:
         if self.run_fn is None and not self._threads:
@@ -186,11 +202,12 @@ class JobManager(RunQueue[Job]):
         run = _JobRun(self, row, cancel)
         try:
             spec = JobSpec.model_validate(row.spec)
+            local = {"use_ray": False} if self.in_driver and self.trains_in_driver(spec) else {}
             result = self.run_fn(
                 spec, run_dir=settings.storage_path / "jobs" / row.id, reporter=run.report,
                 should_stop=run.should_stop, data_root=settings.data_root, cache_dir=settings.cache_path,
                 allowed_modules=settings.model_allowlist, report_every=settings.report_every,
-                checkpoint_dir=settings.job_checkpoint_dir(row.id))
+                checkpoint_dir=settings.job_checkpoint_dir(row.id), **local)
         except Exception as exc:
             _flush_quietly(run, "job")
             return self.failed(row, exc, cancel)

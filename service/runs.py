@@ -249,6 +249,11 @@ class RunQueue(Generic[R]):
         """The queue a driver actor drives one run with (never started)."""
         return cls(settings=settings, session_factory=session_factory)  # type: ignore[call-arg]
 
+    @classmethod
+    def driver_cpus(cls, spec: dict[str, Any], settings: Settings) -> float:
+        """The CPUs the driver actor of a run of this spec reserves on Ray."""
+        return settings.driver_cpus
+
     # -- what a subclass provides ----------------------------------------------------------------
 
     def execute(self, row: R, cancel: threading.Event) -> Outcome:

@@ -170,12 +170,16 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(replicas: R
     replicas.start("a")
     key = replicas.tenant_key("a")
     with replicas.client("a", key) as a:
-        job_id = a.post("/jobs", json=JOB).json()["id"]
+        # Two workers (a one-worker job trains in its driver): one of them is killed.
+        job = {**JOB, "resources": {"workers": 2, "cpus_per_worker": 0.5}}
+        job_id = a.post("/jobs", json=job).json()["id"]
         wait_until(lambda: a.get(f"/jobs/{job_id}").json(), lambda j: j["progress"]["iteration"] >= 150)
-        [worker] = ray_processes(ray_head, "ShardWorker")
-        os.kill(worker, signal.SIGKILL)
-        replaced = wait_until(lambda: {"pids": ray_processes(ray_head, "ShardWorker")},
-                              lambda found: bool(found["pids"]) and worker not in found["pids"], timeout=120)
+        group = set(ray_processes(ray_head, "ShardWorker"))
+        assert len(group) == 2, group
+        os.kill(min(group), signal.SIGKILL)
+        # The driver closes the group and starts a new one from the last checkpoint.
+        replaced = wait_until(lambda: {"pids": set(ray_processes(ray_head, "ShardWorker"))},
+                              lambda found: len(found["pids"]) == 2 and not found["pids"] & group, timeout=120)
         job = wait_until(lambda: a.get(f"/jobs/{job_id}").json(), lambda j: j["status"] in TERMINAL)
         series = a.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["data"]
     assert replaced["pids"]
