@@ -227,3 +227,10 @@ class Launcher:
             refs = list(self._drives)
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        # Then none is left holding its CPUs: those whose drive has ended, and those that did not stop in
+        # time (their runs are requeued when their leases expire).
+        for run_id in self._named_drivers():
+            try:
+                ray.kill(ray.get_actor(actor_name(self.kind, run_id), namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                continue

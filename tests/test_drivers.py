@@ -34,6 +34,12 @@ def on_ray(settings: Settings, ray_cluster: None) -> Iterator[tuple[Settings, ob
     init_db(engine)
     yield settings, make_session_factory(engine)
     engine.dispose()
+    # A stopped service leaves no driver behind on the cluster holding CPUs (the next tests need them).
+    import ray
+
+    left = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == NAMESPACE]
+    assert not left, left
 
 
 def new_job(factory, **changes) -> str:
