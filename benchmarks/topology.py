@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from cluster import Replicas, descendants, ray_head, ray_processes  # noqa: E402
 from helpers import fresh_database  # noqa: E402
 
+from benchmarks import service as service_benchmark  # noqa: E402
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 TARGET_FIRST_ITERATION_S = 5.0  # the bound on submit -> first iteration with drivers on Ray
 CHECKPOINT_EVERY = 100
@@ -70,16 +71,8 @@ def job_spec(name: str, iterations: int) -> dict[str, Any]:
 
 def machine_info() -> dict[str, Any]:
     import ray
-    import torch
 
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg())}
+    return {**service_benchmark.machine_info(), "ray": ray.__version__}
 
 
 def code_version() -> dict[str, Any]:

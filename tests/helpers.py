@@ -162,3 +162,31 @@ def make_image_folder(root: Path, *, classes: int = 10, images: int = 3) -> Path
         for i in range(images):
             Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+# ------------------------------------------------------------------------------------------- job rows
+
+
+def new_job(factory: Any, **changes: Any) -> str:
+    """SMALL_SINE with top-level sections replaced, stored queued for tenant acme; its id."""
+    from service.jobs import create_job
+    from workers.spec import JobSpec
+
+    with factory() as session:
+        return create_job(session=session, tenant="acme", spec=JobSpec.model_validate({**SMALL_SINE, **changes})).id
+
+
+def wait_for_row(factory: Any, job_id: str, until: Callable[[Any], bool], timeout: float = 120.0) -> Any:
+    """The job's row once ``until(row)`` holds, read from the database every 50 ms."""
+    from service.db import Job
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            if until(job):
+                return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} is {job.status} at iteration {job.iteration} after {timeout}s "
+                                 f"({job.error})")
+        time.sleep(0.05)

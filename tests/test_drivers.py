@@ -11,16 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import SMALL_SINE
+from helpers import new_job, wait_for_row
 from sqlalchemy import func, select
 
 from service import runs
 from service.config import Settings
 from service.db import Job, JobMetric, Model, init_db, make_engine, make_session_factory
 from service.drivers import NAMESPACE, actor_name
-from service.jobs import create_job
 from service.manager import JobManager
-from workers.spec import JobSpec
 
 pytestmark = pytest.mark.ray
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -42,24 +40,6 @@ def on_ray(settings: Settings, ray_cluster: None) -> Iterator[tuple[Settings, ob
     assert not left, left
 
 
-def new_job(factory, **changes) -> str:
-    with factory() as session:
-        return create_job(session=session, tenant="acme", spec=JobSpec.model_validate({**SMALL_SINE, **changes})).id
-
-
-def wait_for(factory, job_id: str, until, timeout: float = 120.0) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        with factory() as session:
-            job = session.get(Job, job_id)
-            if until(job):
-                return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} is {job.status} at iteration {job.iteration} after {timeout}s "
-                                 f"({job.error})")
-        time.sleep(0.05)
-
-
 def driver_exists(kind: str, run_id: str) -> bool:
     import ray
 
@@ -74,9 +54,10 @@ def test_a_job_is_driven_by_an_actor_on_the_cluster(on_ray) -> None:
     try:
         job_id = new_job(factory)
         manager.submit(job_id)
-        running = wait_for(factory, job_id, lambda j: j.status in TERMINAL or (j.status == "running" and j.iteration))
+        running = wait_for_row(factory, job_id,
+                               lambda j: j.status in TERMINAL or (j.status == "running" and j.iteration))
         assert driver_exists("job", job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
         deadline = time.monotonic() + 30
         while driver_exists("job", job_id) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -104,13 +85,13 @@ def test_a_cancel_reaches_the_driver(on_ray, through: str) -> None:
     try:
         job_id = new_job(factory, outer={"iterations": 1_000_000, "meta_batch_size": 4})
         manager.submit(job_id)
-        wait_for(factory, job_id, lambda j: j.iteration >= 5)
+        wait_for_row(factory, job_id, lambda j: j.iteration >= 5)
         start = time.monotonic()
         with factory() as session:
             runs.request_cancel(session=session, table=Job, run_id=job_id, scope=None)
         if through == "manager":
             manager.cancel(job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL, timeout=30)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL, timeout=30)
         elapsed = time.monotonic() - start
     finally:
         manager.stop()
@@ -132,7 +113,7 @@ def test_a_driver_that_cannot_start_fails_its_job_with_the_cause(on_ray) -> None
     try:
         job_id = new_job(factory)
         manager.submit(job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL, timeout=60)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL, timeout=60)
     finally:
         manager.stop()
     assert job.status == "failed" and job.attempts == 0
@@ -148,7 +129,7 @@ def test_stopping_the_embedded_service_requeues_its_jobs_to_resume(on_ray) -> No
     first.start()
     try:
         first.submit(job_id)
-        wait_for(factory, job_id, lambda j: j.iteration >= 30)
+        wait_for_row(factory, job_id, lambda j: j.iteration >= 30)
     finally:
         first.stop()
     with factory() as session:
@@ -157,7 +138,7 @@ def test_stopping_the_embedded_service_requeues_its_jobs_to_resume(on_ray) -> No
     second = JobManager(settings=settings, session_factory=factory)
     second.start()
     try:
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
     finally:
         second.stop()
     assert job.status == "succeeded" and job.attempts == 2

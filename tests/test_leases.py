@@ -14,16 +14,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import SMALL_SINE, in_process_runner
+from helpers import in_process_runner, new_job, wait_for_row
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from service import jobs, runs
 from service.config import Settings
 from service.db import Job, JobMetric, Model, init_db, make_engine, make_session_factory
-from service.jobs import create_job
 from service.manager import JobManager
-from workers.spec import JobSpec
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -37,23 +35,6 @@ def shared(settings: Settings) -> Iterator[tuple[Settings, object]]:
     init_db(engine)
     yield settings, make_session_factory(engine)
     engine.dispose()
-
-
-def wait_for(factory, job_id: str, until, timeout: float = 60.0) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        with factory() as session:
-            job = session.get(Job, job_id)
-            if until(job):
-                return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} is {job.status} at iteration {job.iteration} after {timeout}s")
-        time.sleep(0.05)
-
-
-def new_job(factory, **changes) -> str:
-    with factory() as session:
-        return create_job(session=session, tenant="acme", spec=JobSpec.model_validate({**SMALL_SINE, **changes})).id
 
 
 def test_a_job_two_replicas_are_told_about_is_trained_once(shared) -> None:
@@ -71,7 +52,7 @@ def test_a_job_two_replicas_are_told_about_is_trained_once(shared) -> None:
         job_id = new_job(factory)
         for replica in replicas:
             replica.submit(job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
     finally:
         for replica in replicas:
             replica.stop()
@@ -108,7 +89,7 @@ def test_a_dead_replicas_job_is_taken_over_after_its_lease_expires(shared) -> No
     dead.start()
     job_id = new_job(factory)
     dead.submit(job_id)
-    wait_for(factory, job_id, lambda j: j.iteration >= 21)  # past the checkpoint at 20
+    wait_for_row(factory, job_id, lambda j: j.iteration >= 21)  # past the checkpoint at 20
     owner = dead.owner
     dead._stopping.set()  # its lease is no longer renewed: what kill -9 leaves behind
     with factory() as session:
@@ -118,10 +99,10 @@ def test_a_dead_replicas_job_is_taken_over_after_its_lease_expires(shared) -> No
     survivor.start()
     try:
         start = time.monotonic()
-        taken = wait_for(factory, job_id, lambda j: j.lease_owner == survivor.owner or j.status in TERMINAL)
+        taken = wait_for_row(factory, job_id, lambda j: j.lease_owner == survivor.owner or j.status in TERMINAL)
         takeover_s = time.monotonic() - start
         release.set()  # the dead replica's thread wakes up: its outcome must not be written
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
         time.sleep(0.5)
     finally:
         survivor.stop()
@@ -174,7 +155,7 @@ def test_a_failed_metrics_write_keeps_the_points_and_the_job_succeeds(shared, mo
     try:
         job_id = new_job(factory)
         manager.submit(job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
     finally:
         manager.stop()
     assert failures["left"] == 0
@@ -204,7 +185,7 @@ def test_iterations_replayed_after_a_worker_group_restart_are_stored_once(shared
     try:
         job_id = new_job(factory)
         manager.submit(job_id)
-        job = wait_for(factory, job_id, lambda j: j.status in TERMINAL)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
     finally:
         manager.stop()
     assert job.status == "succeeded"
