@@ -42,7 +42,10 @@ def server(tmp_path: Path) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # uvicorn's start-up lines (info) go to the log tail a failed start shows; requests are not logged.
-    srv = uvicorn.Server(uvicorn.Config(make_app(make_settings(tmp_path)), host="127.0.0.1", port=port,
+    # Runs this module stores straight into the database stay as stored: the queues look for such rows
+    # at their start and then only every minute (the submitted ones start at once).
+    settings = make_settings(tmp_path, reconcile_interval_s=60, lease_ttl_s=3600)
+    srv = uvicorn.Server(uvicorn.Config(make_app(settings), host="127.0.0.1", port=port,
                                         log_level="info", access_log=False))
     tail = _Tail()
     loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's own does not propagate

@@ -1,11 +1,12 @@
 """Faults of the embedded Ray under a real ``maml serve`` (uvicorn, SQLite, MAML_RAY_PROCESS=child).
 
-``kill -9`` of the embedded raylet, of its GCS, or of the whole service, in the middle of a job: the API process stays
-up and keeps answering (it is not a Ray driver; its reconciler child is, and dies with the
-cluster); the supervisor restarts the reconciler with a fresh cluster, the job's lease expires,
-and a new driver resumes it from its last checkpoint: the job ends ``succeeded`` in a second
-attempt, every iteration stored once, one model. The readiness probe shows the outage and the
-restart.
+``kill -9`` of the embedded raylet or of its GCS in the middle of a job: the API process stays up
+and keeps answering (it is not a Ray driver; its reconciler child is, and exits with the cluster);
+the supervisor restarts the reconciler with a fresh cluster. The job ends ``succeeded``, every
+iteration stored once, one model: its driver either finishes it first (it trains a one-worker job
+itself and may outlive its raylet for a while), or dies with the cluster, and a new driver resumes
+it from its last checkpoint once its lease has expired. The readiness probe shows the outage and
+the restart. ``kill -9`` of the whole service, and a full disk during a checkpoint, below.
 """
 
 from __future__ import annotations
@@ -60,24 +61,29 @@ def test_the_service_survives_its_embedded_ray_and_resumes_the_job(service: Repl
         os.kill(target, signal.SIGKILL)
         killed = time.monotonic()
 
+        # Until the job has ended and the service runs on a new cluster, the API answers throughout.
         saw_outage = False
         deadline = time.monotonic() + 240
-        while (job := api.get(f"/jobs/{job_id}").json())["status"] not in TERMINAL:
-            assert time.monotonic() < deadline, job
-            ready = httpx.get(f"{service.bases['a']}/readyz", timeout=5)  # the API answers throughout
+        while True:
+            job = api.get(f"/jobs/{job_id}").json()
+            ready = httpx.get(f"{service.bases['a']}/readyz", timeout=5)
             saw_outage |= ready.status_code == 503
+            if job["status"] in TERMINAL and ready.status_code == 200 and ready.json()["restarts"] >= 1:
+                break
+            assert time.monotonic() < deadline, (job, ready.text)
             time.sleep(0.5)
         recovered_s = time.monotonic() - killed
         series = api.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["data"]
         models = api.get("/models").json()["data"]
-    ready = httpx.get(f"{service.bases['a']}/readyz", timeout=5)
-    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    # The driver (which trains a one-worker job itself) may outlive its raylet long enough to finish
+    # (one attempt); otherwise it dies with the cluster and a new driver resumes from the checkpoint.
+    assert job["status"] == "succeeded" and job["attempts"] in (1, 2), job
     assert sorted(p["iteration"] for p in series) == list(range(1, ITERATIONS + 1))
     assert [m["id"] for m in models] == [job["model_id"]]
     assert saw_outage and ready.status_code == 200 and ready.json()["restarts"] >= 1, ready.text
     assert json.loads(heartbeat.read_text())["pid"] != reconciler
     assert service.procs["a"].poll() is None
-    print(f"{victim} killed: job finished {recovered_s:.1f}s later")
+    print(f"{victim} killed: job ended in attempt {job['attempts']}, service on a new cluster {recovered_s:.1f}s later")
 
 
 def test_killing_the_whole_service_resumes_the_job_to_the_weights_of_an_uninterrupted_run(
