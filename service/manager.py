@@ -85,6 +85,9 @@ class _JobRun:
         # Past settings.max_metric_points the series keeps every stride-th iteration (and every
         # evaluation and the last one): a long job's series, and the SSE replay of it, stay bounded.
         self.stride = max(1, math.ceil(job.total / manager.settings.max_metric_points))
+        # Reports are written before each checkpoint is: a driver that dies after a checkpoint has
+        # stored every point up to it (a resume from it does not report them again).
+        self.checkpoint_every = int(job.spec.get("checkpoint", {}).get("every", 0)) or None
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.manager.stopping
@@ -104,7 +107,8 @@ class _JobRun:
             self.manager.metrics.iterations.inc(max(0, iteration - self.last_iteration))
             self.last_iteration = iteration
             due = (now - self.last_flush >= self.manager.settings.metrics_flush_s
-                   or "eval/loss" in metrics or iteration >= self.total)
+                   or "eval/loss" in metrics or iteration >= self.total
+                   or (self.checkpoint_every is not None and iteration % self.checkpoint_every == 0))
         if due:
             self.flush()
 

@@ -194,3 +194,31 @@ def test_iterations_replayed_after_a_worker_group_restart_are_stored_once(shared
                                  .where(JobMetric.job_id == job_id)).all()
     assert sorted(iteration for iteration, _ in points) == list(range(1, 61))
     assert all(metrics["meta/loss"] == -iteration for iteration, metrics in points if 21 <= iteration <= 30)
+
+
+def test_every_point_up_to_a_checkpoint_is_stored_before_the_checkpoint(shared) -> None:
+    """A driver that dies right after a checkpoint must not lose the points before it: a resume from
+    that checkpoint does not report them again (seen in the GCS fault test before this was so)."""
+    settings, factory = shared
+    settings = settings.model_copy(update={"metrics_flush_s": 60.0})  # only a checkpoint makes a flush due
+    stored_at_checkpoints: list[int] = []
+
+    def watching(spec, *, reporter, **kwargs):
+        def report(iteration, metrics):
+            reporter(iteration, metrics)
+            if iteration % spec.checkpoint.every == 0:  # the trainer writes its checkpoint next
+                with factory() as session:
+                    stored_at_checkpoints.append(session.scalar(
+                        select(func.count()).select_from(JobMetric).where(JobMetric.job_id == job_id)))
+        return in_process_runner(spec, reporter=report, **kwargs)
+
+    manager = JobManager(settings=settings, session_factory=factory, run_fn=watching)
+    manager.start()
+    try:
+        job_id = new_job(factory)
+        manager.submit(job_id)
+        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        manager.stop()
+    assert job.status == "succeeded"
+    assert stored_at_checkpoints == [20, 40, 60]
