@@ -35,9 +35,11 @@ def on_ray(settings: Settings, ray_cluster: None) -> Iterator[tuple[Settings, ob
     # A stopped service leaves no driver behind on the cluster holding CPUs (the next tests need them).
     import ray
 
-    left = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
-            if entry["namespace"] == NAMESPACE]
-    assert not left, left
+    deadline = time.monotonic() + 30  # a kill takes effect asynchronously
+    while left := [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                   if entry["namespace"] == NAMESPACE]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
 
 
 def driver_exists(kind: str, run_id: str) -> bool:
