@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from service import registry
 from service.config import Settings
 from service.db import Model, new_id
 from service.errors import Conflict, InvalidInput, NotFound, Saturated, Unavailable
+from service.fairpool import FairPool
 from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
@@ -320,8 +321,10 @@ class Adapter:
         # thread's evaluations do), or when consecutive queries land on different pool threads,
         # libgomp's idle teams compete and a multi-thread query is slower than a one-thread one.
         threads = intra_op_threads(settings.adapt_max_concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=settings.adapt_max_concurrency, thread_name_prefix="maml-adapt",
-                                        initializer=torch.set_num_threads, initargs=(threads,))
+        concurrency = settings.adapt_max_concurrency
+        per_tenant = settings.adapt_max_running_per_tenant or max(1, concurrency - 1)
+        self._pool = FairPool(workers=concurrency, max_per_tenant=per_tenant, thread_name_prefix="maml-adapt",
+                              initializer=torch.set_num_threads, initargs=(threads,))
         # Least recently used first; _cached_bytes is the sum of their nbytes (both under _cache_lock).
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cached_bytes = 0
@@ -346,7 +349,7 @@ class Adapter:
         return self.settings.adapt_max_concurrency + self.settings.adapt_queue_limit
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def _release(self, _future: Future[Any] | None = None) -> None:
         with self._admission:
@@ -367,8 +370,8 @@ class Adapter:
         start = time.perf_counter()
         stop = threading.Event()
         try:
-            future = self._pool.submit(self.adapt_sync, model_id=model_id, principal=principal, request=request,
-                                       stop=stop)
+            future = self._pool.submit(principal.tenant, self.adapt_sync, model_id=model_id, principal=principal,
+                                       request=request, stop=stop)
         except RuntimeError:  # the pool is shut down: the service is stopping
             self._release()
             raise

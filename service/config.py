@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     adapt_max_concurrency: int = Field(4, ge=1, le=256, description="adaptation queries computed at once")
     adapt_queue_limit: int = Field(
         16, ge=0, le=10_000, description="adaptation queries waiting beyond those; more answer 429")
+    adapt_max_running_per_tenant: int | None = Field(
+        None, ge=1, le=256, description="adaptation queries of one tenant computed at once (default: "
+        "MAML_ADAPT_MAX_CONCURRENCY - 1, at least 1): a slot stays free for the other tenants, whose queries "
+        "start first when a slot frees (the tenant with the fewest running goes next)")
     adapt_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 429 answer")
     adapt_max_support: int = Field(1000, ge=1, description="most support items in one adaptation query")
     adapt_max_query: int = Field(1000, ge=1, description="most query items in one adaptation query")
@@ -130,6 +134,13 @@ class Settings(BaseSettings):
         "submission, without building it); more answers 422 naming model")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies answer 413")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is remembered")
+    tensorboard_dir: Path | None = Field(
+        None, description="write TensorBoard event files here: one run per job (<dir>/<tenant>/job-<id>) and per "
+        "sweep trial (<dir>/<tenant>/sweep-<id>/<trial>); unset: none (service.tracking)")
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MAML_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        description="also log jobs and trials to MLflow (mlflow's own MLFLOW_TRACKING_URI): params from the spec, "
+        "metrics per iteration, the registered model as an artefact; unset: no MLflow")
     # Per-tenant quotas (service.quotas): the defaults; an admin overrides them per tenant (PUT /quotas/{tenant}).
     quota_jobs: int = Field(16, ge=0, le=2**31 - 1, description="per tenant: jobs queued or running at once (429)")
     quota_sweeps: int = Field(8, ge=0, le=2**31 - 1, description="per tenant: sweeps queued or running at once (429)")
@@ -160,7 +171,7 @@ class Settings(BaseSettings):
     def _lists(cls, value: object) -> object:
         return _split_list(value)
 
-    @field_validator("data_root", "cache_dir", mode="after")
+    @field_validator("data_root", "cache_dir", "tensorboard_dir", mode="after")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Handed to Ray workers, whose working directory is not this process's.
