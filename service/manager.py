@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobs, registry, runs, sweeps
+from service import jobs, registry, runs, sweeps, tracking
 from service.config import Settings
 from service.db import Job, Model, Sweep
 from service.metrics import ServiceMetrics
@@ -72,8 +72,10 @@ def _flush_quietly(run: _JobRun | _SweepRun, kind: str) -> None:
 class _JobRun:
     """One running job: its cancel flag and its buffered reports."""
 
-    def __init__(self, manager: JobManager, job: Job, cancel: threading.Event) -> None:
+    def __init__(self, manager: JobManager, job: Job, cancel: threading.Event,
+                 tracker: tracking.RunTracker | None = None) -> None:
         self.manager, self.run_id, self.total, self.cancel = manager, job.id, job.total, cancel
+        self.tracker = tracker  # TensorBoard / MLflow (service.tracking): fed the points each flush stores
         self.lock = threading.Lock()
         self.buffer: list[tuple[int, dict[str, float]]] = []
         self.first: tuple[int, float] | None = None  # (iteration, time) of this run's first report
@@ -140,6 +142,8 @@ class _JobRun:
                     if replace_from is not None:
                         self.replace_from = min(replace_from, self.replace_from or replace_from)
                 return
+            if self.tracker is not None:
+                self.tracker.log(points)  # never raises: a tracking failure is a warning
             try:  # a cancel requested through another process reaches us here, at most one flush late
                 if runs.is_cancel_requested(session=session, table=Job, run_id=self.run_id):
                     self.cancel.set()
@@ -163,6 +167,7 @@ class JobManager(RunQueue[Job]):
         self.run_fn = run_fn
         self.in_driver = False  # a driver actor's queue (for_driver), which reserved a one-worker job's CPUs
         self.metrics = metrics or ServiceMetrics()
+        self.trackers: dict[str, tracking.RunTracker] = {}  # succeeded jobs' trackers, until their model is registered
 
     @classmethod
     def for_driver(cls, *, settings: Settings, session_factory: sessionmaker[Session]) -> JobManager:
@@ -192,8 +197,16 @@ class JobManager(RunQueue[Job]):
         return f"; last progress at iteration {row.iteration}"
 
     def register(self, session: Session, row: Job, export_dir: Path) -> Model:
-        return registry.register_model(session=session, job=row, export_dir=export_dir,
-                                       storage=self.settings.storage_path)
+        tracker = self.trackers.pop(row.id, None)
+        try:
+            model = registry.register_model(session=session, job=row, export_dir=export_dir,
+                                            storage=self.settings.storage_path)
+            if tracker is not None:
+                tracker.log_model(Path(model.path), model.id)
+        finally:
+            if tracker is not None:
+                tracker.close("succeeded")
+        return model
 
     def ended(self, outcome: str) -> None:
         if outcome != "queued":
@@ -203,7 +216,21 @@ class JobManager(RunQueue[Job]):
         settings = self.settings
         if self.run_fn is None:
             raise RuntimeError("the job manager runs jobs only after start()")
-        run = _JobRun(self, row, cancel)
+        tracker = tracking.open_job(settings, job_id=row.id, tenant=row.tenant, name=row.name, spec=row.spec)
+        status = "failed"
+        try:
+            outcome = self._train(row, cancel, _JobRun(self, row, cancel, tracker))
+            status = outcome[0]
+            return outcome
+        finally:
+            if tracker is not None and status == "succeeded":
+                self.trackers[row.id] = tracker  # closed once its model is registered
+            elif tracker is not None:
+                tracker.close(status)
+
+    def _train(self, row: Job, cancel: threading.Event, run: _JobRun) -> Outcome:
+        settings = self.settings
+        assert self.run_fn is not None
         try:
             spec = JobSpec.model_validate(row.spec)
             local = {"use_ray": False} if self.in_driver and self.trains_in_driver(spec) else {}
@@ -230,8 +257,10 @@ class JobManager(RunQueue[Job]):
 class _SweepRun:
     """One running sweep: its cancel flag and its latest, not yet written, trial snapshot."""
 
-    def __init__(self, manager: SweepManager, sweep_id: str, cancel: threading.Event) -> None:
+    def __init__(self, manager: SweepManager, sweep_id: str, cancel: threading.Event,
+                 tracker: tracking.SweepTracker | None = None) -> None:
         self.manager, self.run_id, self.cancel = manager, sweep_id, cancel
+        self.tracker = tracker  # TensorBoard / MLflow per trial (service.tracking), fed every snapshot
         self.lock = threading.Lock()
         self.pending: list[TrialInfo] | None = None
         self.written: list[tuple[str, str]] = []  # (trial id, status) as last written
@@ -242,6 +271,8 @@ class _SweepRun:
         """``run_sweep``'s on_trial_update: write status changes at once, progress throttled."""
         with self.lock:
             self.pending = trials
+            if self.tracker is not None:
+                self.tracker.update(trials)  # never raises: a tracking failure is a warning
         self.flush()
 
     def should_stop(self) -> bool:
@@ -287,19 +318,44 @@ class SweepManager(RunQueue[Sweep]):
     def __init__(self, *, settings: Settings, session_factory: sessionmaker[Session]) -> None:
         super().__init__(settings=settings, session_factory=session_factory, slots=settings.max_concurrent_sweeps,
                          max_attempts=settings.max_sweep_attempts)
+        # Succeeded sweeps' trackers and best trials, until the best trial's model is registered.
+        self.trackers: dict[str, tuple[tracking.SweepTracker, str]] = {}
 
     def storage_dir(self, sweep_id: str) -> Path:
         return self.settings.storage_path / "sweeps" / sweep_id
 
     def register(self, session: Session, row: Sweep, export_dir: Path) -> Model:
-        return registry.register_export(session=session, tenant=row.tenant, name=row.name, export_dir=export_dir,
-                                        storage=self.settings.storage_path, sweep_id=row.id)
+        tracker, best = self.trackers.pop(row.id, (None, ""))
+        try:
+            model = registry.register_export(session=session, tenant=row.tenant, name=row.name,
+                                             export_dir=export_dir, storage=self.settings.storage_path, sweep_id=row.id)
+            if tracker is not None:
+                tracker.log_model(best, Path(model.path), model.id)
+        finally:
+            if tracker is not None:
+                tracker.close("cancelled")  # trials still open when their sweep ended
+        return model
 
     def execute(self, row: Sweep, cancel: threading.Event) -> Outcome:
         settings = self.settings
         storage_dir = self.storage_dir(row.id)
         resume = (storage_dir / EXPERIMENT_DIR).exists()  # a restart: continue from Tune's state
-        run = _SweepRun(self, row.id, cancel)
+        tracker = tracking.open_sweep(settings, sweep_id=row.id, tenant=row.tenant, name=row.name,
+                                      base=row.spec.get("base") or {})
+        status = "failed"
+        try:
+            outcome = self._sweep(row, cancel, _SweepRun(self, row.id, cancel, tracker), resume)
+            status = outcome[0]
+            return outcome
+        finally:
+            if tracker is not None and status == "succeeded":
+                self.trackers[row.id] = (tracker, outcome[1].get("best_trial_id") or "")
+            elif tracker is not None:
+                tracker.close(status)
+
+    def _sweep(self, row: Sweep, cancel: threading.Event, run: _SweepRun, resume: bool) -> Outcome:
+        settings = self.settings
+        storage_dir = self.storage_dir(row.id)
         try:
             spec = SweepSpec.model_validate(row.spec)
             from workers.raygroup import ensure_ray
@@ -316,6 +372,8 @@ class SweepManager(RunQueue[Sweep]):
         except Exception as exc:
             _flush_quietly(run, "sweep")
             return self.failed(row, exc, cancel, prefix="resuming the sweep failed: " if resume else "")
+        if run.tracker is not None:
+            run.tracker.update(result.trials)  # the trials' final reports and statuses
         trials = sweeps.trial_rows(result.trials)
         if result.cancelled:
             return "cancelled", {"trials": trials}
