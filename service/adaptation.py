@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from service.schemas import AdaptRequest, AdaptResponse
 from workers.errors import ModelError, NonFiniteLossError, SpecError, Stopped
 from workers.evaluation import adapt, predict
 from workers.inner import Params
+from workers.mamlpp import MetaOptions, attach_for
 from workers.models import build_model
 from workers.spec import JobSpec
 from workers.supervised import torch_dtype
@@ -138,6 +139,7 @@ def load_model(row: Model, *, allowed_modules: list[str] | None) -> LoadedModel 
     try:
         module = build_model(spec.model, input_shape=tuple(row.input_shape), output_dim=row.output_dim,
                              allowed_modules=allowed_modules)
+        attach_for(module, spec)  # the learned inner-loop pieces (learning rates, per-step BatchNorm), if any
     except ModelError as exc:
         raise Conflict(f"model '{row.id}' cannot be loaded: {exc}") from exc
     module.load_state_dict(load_file(str(registry.weights_path(row))), strict=True)
@@ -451,7 +453,11 @@ class Adapter:
         steps = spec.eval.steps if request.steps is None else request.steps
         if steps > settings.adapt_max_steps:
             raise InvalidInput("steps", f"{steps} steps; at most {settings.adapt_max_steps}")
+        if request.lr is not None and spec.inner.learn_lr != "none":
+            raise InvalidInput("lr", f"this model adapts with its learned inner learning rates "
+                               f"(inner.learn_lr '{spec.inner.learn_lr}'); leave lr out")
         lr = spec.inner.lr if request.lr is None else request.lr
+        meta = replace(MetaOptions.of(spec), lr=lr) if spec.meta_options_used else None
         if steps * len(support.x) > settings.adapt_max_work:
             raise InvalidInput("steps", f"{steps} steps x {len(support.x)} support items is over the limit of "
                                f"{settings.adapt_max_work} (MAML_ADAPT_MAX_WORK)")
@@ -465,7 +471,7 @@ class Adapter:
         try:
             adapted, before, after = adapt(module, model.params, model.buffers, xs, ys, steps=steps, lr=lr,
                                            loss=model.loss, optimizer=spec.inner.optimizer,  # type: ignore[arg-type]
-                                           batch_size=spec.inner.batch_size, should_stop=lambda: (
+                                           batch_size=spec.inner.batch_size, meta=meta, should_stop=lambda: (
                                                time.monotonic() > deadline or (stop is not None and stop.is_set())))
         except NonFiniteLossError as exc:
             raise InvalidInput("lr", f"adaptation diverged ({exc}); use a smaller lr or fewer steps") from None

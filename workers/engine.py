@@ -10,6 +10,8 @@ from torch import nn
 from workers.aggregator import GradientSum, mean
 from workers.inner import OptimizerName, Params, split_state
 from workers.maml import maml_task
+from workers.mamlpp import MetaOptions
+from workers.mamlpp import task_meta_gradient as general_task_meta_gradient
 from workers.reptile import reptile_task
 from workers.tasks.base import LossName, Task
 
@@ -29,13 +31,19 @@ def task_meta_gradient(
     inner_optimizer: OptimizerName = "sgd",
     inner_batch_size: int | None = None,
     before: bool = True,
+    meta: MetaOptions | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """One task's meta-gradient and metrics, for any of the three algorithms.
 
     ``before=False`` skips the query pass at the meta-parameters: the meta-gradient is the same,
     and ``meta/loss_before`` and ``meta/accuracy_before`` are absent from the metrics (for
     iterations that do not report them). ``inner/loss_before`` stays: the first inner step gives it.
+    ``meta``: the MAML++ / Meta-SGD / ANIL options (``workers.mamlpp``); when any is on, MAML and
+    first-order MAML take that module's general loop (the learned pieces are in ``params``).
     """
+    if algorithm in ("maml", "fomaml") and meta is not None and meta.general:
+        return general_task_meta_gradient(model, params, buffers, task, options=meta, loss=loss,
+                                          first_order=algorithm == "fomaml", before=before)
     if algorithm in ("maml", "fomaml"):
         return maml_task(model, params, buffers, task, inner_steps=inner_steps, inner_lr=inner_lr,
                          loss=loss, first_order=algorithm == "fomaml", before=before)
@@ -53,13 +61,17 @@ def shard_meta_gradient(model: nn.Module, params: Params, buffers: Params, tasks
 
     MAML and first-order MAML on a model the batched path recognises (conv/BatchNorm/ReLU/max-pool
     blocks and a linear head, e.g. Conv4) take it: the shard's tasks at once, the same maths
-    (checked in float64 in tests/test_engine_fast.py); anything else takes the per-task loop.
+    (checked in float64 in tests/test_engine_fast.py); anything else takes the per-task loop. The
+    MAML++ / Meta-SGD / ANIL options (``meta.general``) always take the per-task loop of
+    ``workers.mamlpp``: the batched path implements none of them.
     """
     from workers.fast import shard_meta_gradient as batched_shard_meta_gradient
 
-    fast = batched_shard_meta_gradient(model, params, buffers, tasks, **kwargs)
-    if fast is not None:
-        return fast
+    meta = kwargs.get("meta")
+    if meta is None or not meta.general:
+        fast = batched_shard_meta_gradient(model, params, buffers, tasks, **kwargs)
+        if fast is not None:
+            return fast
     total = GradientSum()
     for task in tasks:
         grads, metrics = task_meta_gradient(model, params, buffers, task, **kwargs)

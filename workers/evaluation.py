@@ -18,6 +18,8 @@ from workers.errors import Stopped
 from workers.fast import fused
 from workers.fast.batched import fused_net
 from workers.inner import Forward, InnerOptimizer, OptimizerName, Params, adapt_steps, evaluate, loss_function
+from workers.mamlpp import MetaOptions, is_learned
+from workers.mamlpp import adapt as adapt_learned
 from workers.tasks.base import LossName, Task, TaskFamily
 
 
@@ -35,8 +37,14 @@ def adapt(
     batch_size: int | None = None,
     fast: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    meta: MetaOptions | None = None,
 ) -> tuple[Params, float, float]:
     """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after.
+
+    ``meta``: a model trained with learned inner-loop pieces (learned learning rates, the head
+    only, per-step BatchNorm; ``workers.mamlpp``) adapts with them: ``params`` then holds the
+    learned pieces too, and the result is the model's parameters for the forward pass after
+    ``steps`` steps (``lr`` is ``meta.lr`` there; ``optimizer`` and ``batch_size`` must be the defaults).
 
     The steps are ``workers.inner.adapt_steps`` (SGD or Adam, mini-batches of ``batch_size``), the
     inner loop of training. Full-batch SGD on a conv/BatchNorm/ReLU/max-pool stack with a linear
@@ -45,6 +53,12 @@ def adapt(
     which takes any module. Both losses are on the whole of (x, y). ``should_stop()`` is asked
     between two steps: :class:`workers.errors.Stopped` when it says so (a time limit).
     """
+    if meta is not None and meta.learned_inner:
+        if optimizer != "sgd" or batch_size is not None:
+            raise ValueError("optimizer: learned inner loops take full-batch SGD steps")
+        return adapt_learned(model, params, buffers, x, y, steps=steps, options=meta, loss=loss,
+                             should_stop=should_stop)
+    params = {k: v for k, v in params.items() if not is_learned(k)}
     opt = InnerOptimizer(optimizer, lr)
     if fast and steps > 0 and optimizer == "sgd" and batch_size is None:
         net = fused_net(model, x.device)
@@ -115,6 +129,7 @@ def meta_test(
     batch_size: int | None = None,
     split: Literal["train", "val", "test"] = "test",
     device: torch.device | None = None,
+    meta: MetaOptions | None = None,
 ) -> dict[str, float]:
     """Adapt on each of ``num_tasks`` held-out tasks; query metrics before and after, with CIs.
 
@@ -124,14 +139,15 @@ def meta_test(
     loss_fn = loss_function(family.loss)
     classification = family.loss == "cross_entropy"
     forward = Forward(model, buffers)
+    plain = {k: v for k, v in params.items() if not is_learned(k)}  # the model's own parameters
     loss_before, loss_after, acc_before, acc_after = [], [], [], []
     for index in range(num_tasks):
         task = family.sample(seed, 0, index, split)
         if device is not None:
             task = Task(*(t.to(device) for t in task))
-        lb, ab = evaluate(forward, params, task.x_query, task.y_query, loss_fn, classification)
+        lb, ab = evaluate(forward, plain, task.x_query, task.y_query, loss_fn, classification)
         adapted, _, _ = adapt(model, params, buffers, task.x_support, task.y_support, steps=steps, lr=lr,
-                              loss=family.loss, optimizer=optimizer, batch_size=batch_size)
+                              loss=family.loss, optimizer=optimizer, batch_size=batch_size, meta=meta)
         la, aa = evaluate(forward, adapted, task.x_query, task.y_query, loss_fn, classification)
         loss_before.append(lb)
         loss_after.append(la)

@@ -96,7 +96,17 @@ def build_model(
     output_dim: int,
     allowed_modules: Iterable[str] | None = None,
 ) -> nn.Module:
-    """Build the model of a spec for a task family's input shape and output size."""
+    """Build the model of a spec for a task family's input shape and output size (without the
+    learned inner-loop pieces: ``workers.mamlpp.attach`` adds those)."""
+    model = _build_model(spec, input_shape=input_shape, output_dim=output_dim, allowed_modules=allowed_modules)
+    if spec.per_step_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+                                    for m in model.modules()):
+        raise ModelError("model.per_step_bn", "the model has no BatchNorm layer with weights")
+    return model
+
+
+def _build_model(spec: ModelSpec, *, input_shape: tuple[int, ...], output_dim: int,
+                 allowed_modules: Iterable[str] | None) -> nn.Module:
     if spec.factory is not None:
         fn = load_factory(spec.factory, allowed_modules)
         try:

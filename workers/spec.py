@@ -124,6 +124,9 @@ class ModelSpec(_Spec):
         None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="a user model as 'package.module:factory' (module must be allow-listed)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    per_step_bn: bool = Field(
+        False, description="MAML++: per inner step BatchNorm weights and biases, meta-learned (not adapted in "
+        "the inner loop); needs a model with BatchNorm (conv4)")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -139,6 +142,16 @@ class InnerSpec(_Spec):
         "sgd", description="inner optimizer; adam only with reptile (as in the Reptile paper)")
     batch_size: int | None = Field(
         None, ge=1, le=100_000, description="reptile: inner mini-batch size (default: the whole support set)")
+    learn_lr: Literal["none", "per_layer_per_step", "per_parameter"] = Field(
+        "none", description="learned inner learning rates, meta-learned with the initialisation (starting at "
+        "inner.lr): per_layer_per_step (MAML++ LSLR: one per parameter tensor and step) or per_parameter "
+        "(Meta-SGD: one per weight); none: the fixed inner.lr")
+    adapt: Literal["all", "head"] = Field(
+        "all", description="what the inner loop adapts: all parameters, or the head only (ANIL: the last "
+        "linear layer; the body is meta-learned but frozen inside the inner loop)")
+    checkpoint: bool = Field(
+        False, description="second-order MAML: recompute each inner step in the backward pass instead of "
+        "storing its graph (memory of one step instead of all of them, about twice the compute)")
 
 
 class OuterSpec(_Spec):
@@ -147,7 +160,21 @@ class OuterSpec(_Spec):
     lr: float = Field(0.001, gt=0, le=100, description="meta learning rate (reptile: outer step size)")
     meta_batch_size: int = Field(25, ge=1, le=10_000, description="tasks per meta-iteration")
     iterations: int = Field(2000, ge=1, le=10_000_000, description="meta-iterations")
-    anneal: bool = Field(False, description="anneal the meta learning rate linearly to 0 (Reptile)")
+    anneal: bool = Field(False, description="anneal the meta learning rate linearly to 0 (Reptile); the same "
+                         "as lr_schedule 'linear'")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="meta learning rate schedule over the iterations: constant, linear to 0, or "
+        "cosine to lr_min (MAML++)")
+    lr_min: float = Field(0.0, ge=0, le=100, description="cosine: the meta learning rate at the last iteration")
+    multi_step_loss: bool = Field(
+        False, description="MAML++ multi-step loss: the query loss after every inner step, its weights annealed "
+        "towards the last step over msl_anneal_iterations, then the last step's loss only")
+    msl_anneal_iterations: int = Field(
+        1000, ge=1, le=10_000_000, description="multi-step loss: iterations over which the weights of the "
+        "non-final steps decay (to 0.03 / steps); from then on only the last step's loss")
+    first_order_iterations: int = Field(
+        0, ge=0, le=10_000_000, description="MAML++ derivative-order annealing: first order for the first this "
+        "many iterations, then second order (algorithm maml only)")
     max_kl: float = Field(0.01, gt=0, le=10, description="trpo: KL bound between old and new adapted policies")
     cg_iters: int = Field(10, ge=1, le=100, description="trpo: conjugate gradient iterations")
     cg_damping: float = Field(1e-5, ge=0, le=10, description="trpo: damping of the Fisher-vector product")
@@ -202,7 +229,56 @@ class JobSpec(_Spec):
             raise ValueError("model.name: conv4 needs an image task family, not sinusoid")
         if self.model.name == "mlp" and self.task.family != "sinusoid" and not self.model.hidden:
             raise ValueError("model.hidden: must not be empty")
+        self._meta_options()
         return self
+
+    def _meta_options(self) -> None:
+        """The MAML++ / Meta-SGD / ANIL options: refuse what would be silently ignored or meaningless."""
+        inner, outer = self.inner, self.outer
+        if outer.anneal and outer.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"outer.lr_schedule: '{outer.lr_schedule}' contradicts outer.anneal (linear); "
+                             "give one of them")
+        if outer.lr_min > 0 and self.meta_lr_schedule != "cosine":
+            raise ValueError("outer.lr_min: only used by lr_schedule 'cosine'")
+        if outer.lr_min > outer.lr:
+            raise ValueError(f"outer.lr_min: {outer.lr_min} is above outer.lr ({outer.lr})")
+        gradient_based = ("maml", "fomaml")
+        options = [("inner.learn_lr", inner.learn_lr != "none"), ("inner.adapt", inner.adapt != "all"),
+                   ("inner.checkpoint", inner.checkpoint), ("outer.multi_step_loss", outer.multi_step_loss),
+                   ("outer.first_order_iterations", outer.first_order_iterations > 0),
+                   ("model.per_step_bn", self.model.per_step_bn)]
+        for field, used in options:
+            if used and self.algorithm not in gradient_based:
+                raise ValueError(f"{field}: only with algorithm 'maml' or 'fomaml' (Reptile takes no "
+                                 "meta-gradient through its inner loop)")
+            if used and self.task.family in RL_FAMILIES:
+                raise ValueError(f"{field}: not supported for RL task families")
+        if self.task.family in RL_FAMILIES and self.meta_lr_schedule == "cosine":
+            raise ValueError("outer.lr_schedule: cosine is not supported for RL task families")
+        if outer.first_order_iterations > 0 and self.algorithm != "maml":
+            raise ValueError("outer.first_order_iterations: only with algorithm 'maml' (fomaml is first order "
+                             "throughout)")
+        if inner.checkpoint and self.algorithm != "maml":
+            raise ValueError("inner.checkpoint: only with algorithm 'maml' (first order keeps no graph of the "
+                             "inner loop to save)")
+        if inner.checkpoint and inner.adapt == "head":
+            raise ValueError("inner.checkpoint: not with inner.adapt 'head' (ANIL's inner graph is the head's, "
+                             "already small)")
+        if self.model.per_step_bn and self.model.name == "mlp":
+            raise ValueError("model.per_step_bn: the mlp has no BatchNorm (use conv4, or a factory model with "
+                             "BatchNorm layers)")
+
+    @property
+    def meta_lr_schedule(self) -> Literal["constant", "linear", "cosine"]:
+        """The meta learning rate schedule: ``outer.anneal`` is the older spelling of 'linear'."""
+        return "linear" if self.outer.anneal else self.outer.lr_schedule
+
+    @property
+    def meta_options_used(self) -> bool:
+        """Whether any MAML++ / Meta-SGD / ANIL option is on (the general per-task inner loop)."""
+        inner, outer = self.inner, self.outer
+        return (inner.learn_lr != "none" or inner.adapt != "all" or inner.checkpoint or outer.multi_step_loss
+                or outer.first_order_iterations > 0 or self.model.per_step_bn)
 
     def _resolve_rl_defaults(self) -> None:
         """RL takes the paper's own defaults where the spec left a field out (written into the spec,

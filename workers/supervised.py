@@ -22,6 +22,7 @@ from workers.engine import shard_meta_gradient
 from workers.errors import NonFiniteLossError, TrainingError, WorkerError
 from workers.evaluation import meta_test
 from workers.inner import Params
+from workers.mamlpp import MetaOptions, attach_for, lr_factor, schedule
 from workers.models import build_model
 from workers.raygroup import Worker
 from workers.spec import JobSpec
@@ -35,19 +36,23 @@ def torch_dtype(spec: JobSpec) -> torch.dtype:
 
 def build(spec: JobSpec, *, data_root: Path | None = None, cache_dir: Path | None = None,
           allowed_modules: Iterable[str] | None = None) -> tuple[TaskFamily, nn.Module]:
-    """The task family and the freshly initialised model of a spec (initialisation seeded)."""
+    """The task family and the freshly initialised model of a spec (initialisation seeded), with the
+    learned inner-loop pieces its options ask for (``workers.mamlpp.attach``)."""
     dtype = torch_dtype(spec)
     family = build_task_family(spec.task, data_root=data_root, cache_dir=cache_dir, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, input_shape=family.input_shape, output_dim=family.output_dim,
                             allowed_modules=allowed_modules)
-    return family, model.to(dtype)
+    return family, attach_for(model, spec).to(dtype)
 
 
-def engine_kwargs(spec: JobSpec, loss: str) -> dict:
-    return dict(algorithm=spec.algorithm, inner_steps=spec.inner.steps, inner_lr=spec.inner.lr, loss=loss,
-                inner_optimizer=spec.inner.optimizer, inner_batch_size=spec.inner.batch_size)
+def engine_kwargs(spec: JobSpec, loss: str, iteration: int | None = None) -> dict:
+    """The engine's arguments for ``spec`` at meta-iteration ``iteration``: derivative-order annealing
+    and the multi-step loss weights depend on it (``workers.mamlpp.schedule``)."""
+    algorithm, meta = schedule(spec, iteration or 0) if iteration is not None else (spec.algorithm, None)
+    return dict(algorithm=algorithm, inner_steps=spec.inner.steps, inner_lr=spec.inner.lr, loss=loss,
+                inner_optimizer=spec.inner.optimizer, inner_batch_size=spec.inner.batch_size, meta=meta)
 
 
 def sample_shard(family: TaskFamily, spec: JobSpec, iteration: int, shard: int, num_shards: int,
@@ -66,11 +71,10 @@ def make_optimizer(spec: JobSpec, params: Iterable[nn.Parameter]) -> tuple[torch
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=spec.outer.lr)
     else:
         opt = torch.optim.SGD(params, lr=spec.outer.lr)
-    total = spec.outer.iterations
-    # Reptile anneals its outer step size linearly to zero; otherwise the factor stays 1.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: max(0.0, 1.0 - it / total) if spec.outer.anneal else 1.0)
-    return opt, schedule
+    total, kind, lr, lr_min = spec.outer.iterations, spec.meta_lr_schedule, spec.outer.lr, spec.outer.lr_min
+    # constant; linear to zero (Reptile's outer step size); cosine to lr_min (MAML++)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(kind, it, total, lr, lr_min))
+    return opt, lr_schedule
 
 
 def device_for(spec: JobSpec) -> torch.device:
@@ -99,7 +103,7 @@ class ShardWorker(Worker):
                                                  cache_dir=Path(cache_dir) if cache_dir else None,
                                                  allowed_modules=allowed_modules)
         self.model.to(self.device)
-        self.kwargs = engine_kwargs(self.spec, self.family.loss)
+        self.loss = self.family.loss
         self.names = [n for n, _ in self.model.named_parameters()]
         self.parameters = dict(self.model.named_parameters())
 
@@ -125,7 +129,8 @@ class ShardWorker(Worker):
         count, error = 0, None
         try:
             tasks = sample_shard(self.family, self.spec, iteration, self.rank, self.world, self.device)
-            total = shard_meta_gradient(self.model, params, buffers, tasks, before=before, **self.kwargs)
+            total = shard_meta_gradient(self.model, params, buffers, tasks, before=before,
+                                        **engine_kwargs(self.spec, self.loss, iteration))
             if total.count:
                 flat = flatten(total.grads, self.names)
             metrics, count = total.metrics, total.count
@@ -146,7 +151,8 @@ class ShardWorker(Worker):
                 before: bool = True) -> tuple[torch.Tensor, dict[str, float], int]:
         params, buffers = ({k: v.to(self.device) for k, v in d.items()} for d in state)
         tasks = sample_shard(self.family, self.spec, iteration, self.rank, self.world, self.device)
-        total = shard_meta_gradient(self.model, params, buffers, tasks, before=before, **self.kwargs)
+        total = shard_meta_gradient(self.model, params, buffers, tasks, before=before,
+                                    **engine_kwargs(self.spec, self.loss, iteration))
         flat = flatten(total.grads, self.names).cpu() if total.count else torch.zeros(0)
         return flat, total.metrics, total.count
 
@@ -230,7 +236,8 @@ class SupervisedProgram:
         spec = self.spec
         return meta_test(self.module, params, buffers, self.family, seed=spec.seed, num_tasks=spec.eval.tasks,
                          steps=spec.eval.steps, lr=spec.inner.lr, optimizer=spec.inner.optimizer,
-                         batch_size=spec.inner.batch_size, device=self.device)
+                         batch_size=spec.inner.batch_size, device=self.device,
+                         meta=MetaOptions.of(spec) if spec.meta_options_used else None)
 
     def export_info(self) -> dict[str, Any]:
         return {"input_shape": list(self.family.input_shape), "output_dim": self.family.output_dim,

@@ -28,9 +28,10 @@ __all__ = ["QueryPath", "fused_net", "maml_shard", "shard_meta_gradient"]
 
 def shard_meta_gradient(model: nn.Module, params: Params, buffers: Params, tasks: Sequence[Task], *,
                         algorithm: str, inner_steps: int, inner_lr: float, loss, query: QueryPath = "auto",
-                        before: bool = True, **_reptile_options) -> GradientSum | None:
-    """``workers.engine.shard_meta_gradient`` for MAML and first-order MAML, batched; else None."""
-    if algorithm not in ("maml", "fomaml"):
+                        before: bool = True, meta=None, **_reptile_options) -> GradientSum | None:
+    """``workers.engine.shard_meta_gradient`` for plain MAML and first-order MAML, batched; else None
+    (Reptile, and any MAML++ / Meta-SGD / ANIL option: ``meta.general``)."""
+    if algorithm not in ("maml", "fomaml") or (meta is not None and meta.general):
         return None
     return maml_shard(model, params, buffers, tasks, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
                       first_order=algorithm == "fomaml", query=query, before=before)

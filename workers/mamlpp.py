@@ -1,0 +1,465 @@
+"""MAML++, Meta-SGD and ANIL: the options of the general per-task MAML inner loop.
+
+* MAML++ (Antoniou, Edwards and Storkey, "How to train your MAML", ICLR 2019), each technique an
+  option of its own: the multi-step loss (the query loss after every inner step, weighted by an
+  importance vector annealed towards the last step, ``msl_weights``), per-layer per-step learned
+  inner learning rates (LSLR), per-step BatchNorm weights and biases, derivative-order annealing
+  (``schedule``: first order for the first iterations) and cosine annealing of the meta learning
+  rate (``lr_factor``).
+* Meta-SGD (Li, Zhou, Chen and Li, 2017): a learned inner learning rate per weight.
+* ANIL (Raghu, Raghu, Bengio and Vinyals, ICLR 2020): the inner loop adapts the head (the last
+  ``nn.Linear``) only; the body is meta-learned but frozen inside the loop. On Conv4 and the MLP
+  the body's features are computed once per task and set, not at every step.
+* Gradient checkpointing through the inner loop (``checkpoint``): the forward pass keeps only the
+  adapted parameters after each step; the backward pass recomputes one step at a time and pushes
+  the gradient through it (a vector-Jacobian product), so memory holds one step's graph, not all.
+
+The learned pieces are parameters of the model itself, under two prefixes, so that the
+meta-optimizer, the all-reduce, checkpoints, the export and ``GET /models/{id}/weights`` see them
+like any weight (``attach``):
+
+    inner_lr.<parameter name>   LSLR: (steps,); Meta-SGD: the parameter's shape. Start at inner.lr.
+    bn_step.<BatchNorm parameter name>   (steps, channels): the BatchNorm weight or bias used after
+                                s >= 1 inner steps (row s - 1); the model's own BatchNorm weights
+                                are those of step 0. Not adapted in the inner loop (as in MAML++).
+
+At evaluation, steps beyond the trained ``steps`` reuse the last step's learning rates and
+BatchNorm weights.
+
+Example::
+
+    options = MetaOptions(steps=5, lr=0.4, learn_lr="per_layer_per_step", msl_weights=msl_weights(5, 0, 100))
+    grads, metrics = task_meta_gradient(model, params, buffers, task, options=options,
+                                        loss="cross_entropy", first_order=False)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.errors import ModelError, Stopped
+from workers.inner import Forward, Params, accuracy, check_finite, loss_function
+from workers.models import MLP, Conv4
+from workers.tasks.base import LossName, Task
+
+LR_PREFIX = "inner_lr"
+BN_PREFIX = "bn_step"
+LearnLR = Literal["none", "per_layer_per_step", "per_parameter"]
+Adapt = Literal["all", "head"]
+MSL_MIN_WEIGHT = 0.03  # MAML++: the non-final steps' weights decay to 0.03 / steps
+
+
+@dataclass(frozen=True)
+class MetaOptions:
+    """The inner-loop options of a spec (``MetaOptions.of(spec)``), and this iteration's loss weights."""
+
+    steps: int  # S: the training inner steps; the learned pieces have one entry per step
+    lr: float  # the fixed inner learning rate (learn_lr "none"), the learned ones' initial value
+    learn_lr: LearnLR = "none"
+    adapt: Adapt = "all"
+    per_step_bn: bool = False
+    checkpoint: bool = False
+    msl_weights: tuple[float, ...] | None = None  # the query loss weights after steps 1..S; None: the last only
+
+    @classmethod
+    def of(cls, spec, iteration: int | None = None) -> MetaOptions:
+        """A spec's options; with ``iteration``, the multi-step loss weights of that iteration."""
+        weights = None
+        if spec.outer.multi_step_loss and iteration is not None:
+            weights = msl_weights(spec.inner.steps, iteration, spec.outer.msl_anneal_iterations)
+        return cls(steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr, adapt=spec.inner.adapt,
+                   per_step_bn=spec.model.per_step_bn, checkpoint=spec.inner.checkpoint, msl_weights=weights)
+
+    @property
+    def general(self) -> bool:
+        """Whether these options need this module's loop (else plain MAML, and its fast paths)."""
+        return (self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.checkpoint
+                or self.msl_weights is not None)
+
+    @property
+    def learned_inner(self) -> bool:
+        """Whether adaptation itself differs from plain SGD on every parameter (evaluation, the service)."""
+        return self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn
+
+    def weights(self) -> tuple[float, ...]:
+        """The query loss weight after each of the S steps."""
+        if self.msl_weights is None:
+            return (0.0,) * (self.steps - 1) + (1.0,)
+        if len(self.msl_weights) != self.steps:
+            raise ValueError(f"msl_weights: {len(self.msl_weights)} weights for {self.steps} steps")
+        return self.msl_weights
+
+
+def msl_weights(steps: int, iteration: int, anneal_iterations: int) -> tuple[float, ...] | None:
+    """MAML++'s per-step loss importance vector at ``iteration`` (its code's, with iterations for epochs).
+
+    Uniform (1 / S) at iteration 0; each non-final weight decays by ``iteration / (S * N)`` down to
+    0.03 / S, the final weight grows by ``(S - 1)`` times that, up to 1 - (S - 1) 0.03 / S. From
+    iteration N on: None (the last step's loss only), as MAML++ stops the multi-step loss there.
+    """
+    if iteration >= anneal_iterations:
+        return None
+    decay = 1.0 / steps / anneal_iterations
+    floor = MSL_MIN_WEIGHT / steps
+    w = [max(1.0 / steps - iteration * decay, floor) for _ in range(steps - 1)]
+    w.append(min(1.0 / steps + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return tuple(w)
+
+
+def lr_factor(schedule: str, iteration: int, total: int, lr: float, lr_min: float = 0.0) -> float:
+    """The meta learning rate at ``iteration`` (0-based) over ``lr``: constant, linear to 0, cosine to lr_min."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - iteration / total)
+    if schedule == "cosine":  # torch's CosineAnnealingLR with T_max = total, eta_min = lr_min
+        ratio = lr_min / lr
+        return ratio + (1.0 - ratio) * (1.0 + math.cos(math.pi * min(iteration, total) / total)) / 2.0
+    raise ValueError(f"outer.lr_schedule: unknown schedule '{schedule}'")
+
+
+def schedule(spec, iteration: int) -> tuple[str, MetaOptions | None]:
+    """The algorithm and options of meta-iteration ``iteration``: derivative-order annealing
+    (first order before ``outer.first_order_iterations``) and the multi-step loss weights."""
+    algorithm = spec.algorithm
+    if algorithm == "maml" and iteration < spec.outer.first_order_iterations:
+        algorithm = "fomaml"
+    options = MetaOptions.of(spec, iteration) if spec.meta_options_used else None
+    return algorithm, options
+
+
+# ------------------------------------------------------------------------------------- model state
+
+
+def is_learned(name: str) -> bool:
+    """Whether a parameter name is one of the learned inner-loop pieces (not a weight of the model)."""
+    return name.startswith((LR_PREFIX + ".", BN_PREFIX + "."))
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Linear]:
+    """ANIL's head: the last ``nn.Linear`` of the model (its name and module)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_learned(n + ".")]
+    if not linears:
+        raise ModelError("inner.adapt", "'head' needs a model with an nn.Linear layer (its last is the head)")
+    return linears[-1]
+
+
+def batchnorm_names(model: nn.Module) -> list[str]:
+    """The weight and bias names of every affine BatchNorm layer, in ``named_parameters`` order."""
+    names = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            names += [f"{n}.weight", f"{n}.bias"]
+    return names
+
+
+def adapted_names(model: nn.Module, adapt: Adapt, per_step_bn: bool) -> list[str]:
+    """The parameters the inner loop adapts, in ``named_parameters`` order."""
+    names = [n for n, _ in model.named_parameters() if not is_learned(n)]
+    if adapt == "head":
+        head, module = head_module(model)
+        own = {f"{head}.{k}" if head else k for k, _ in module.named_parameters(recurse=False)}
+        return [n for n in names if n in own]
+    if per_step_bn:
+        frozen = set(batchnorm_names(model))
+        names = [n for n in names if n not in frozen]
+    return names
+
+
+def _put(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    """Register ``value`` under the dotted ``name`` below ``root`` (plain modules in between)."""
+    *path, leaf = name.split(".")
+    node = root
+    for part in path:
+        child = node._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            node.add_module(part, child)
+        node = child
+    node.register_parameter(leaf, value)
+
+
+def attach(model: nn.Module, *, steps: int, lr: float, learn_lr: LearnLR = "none", adapt: Adapt = "all",
+           per_step_bn: bool = False) -> nn.Module:
+    """Add the learned inner-loop pieces to ``model`` as parameters (see the module's docstring);
+    ``model`` itself, unchanged when no option asks for any."""
+    base = dict(model.named_parameters())
+    if per_step_bn:
+        bn = batchnorm_names(model)
+        if not bn:
+            raise ModelError("model.per_step_bn", "the model has no BatchNorm layer with weights")
+        holder = _holder(model, BN_PREFIX)
+        for n in bn:
+            # (steps, channels): row s - 1 is used after s inner steps; the model's own is step 0's
+            _put(holder, n, nn.Parameter(base[n].detach().unsqueeze(0).repeat(steps, 1).clone()))
+    if learn_lr != "none":
+        holder = _holder(model, LR_PREFIX)
+        for n in adapted_names(model, adapt, per_step_bn):
+            shape = (steps,) if learn_lr == "per_layer_per_step" else tuple(base[n].shape)
+            _put(holder, n, nn.Parameter(torch.full(shape, float(lr), dtype=base[n].dtype, device=base[n].device)))
+    elif adapt == "head":
+        head_module(model)  # a model without a head is refused now, not at the first iteration
+    return model
+
+
+def attach_for(model: nn.Module, spec) -> nn.Module:
+    """``attach`` with a job spec's options."""
+    return attach(model, steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr,
+                  adapt=spec.inner.adapt, per_step_bn=spec.model.per_step_bn)
+
+
+class LearnedPieces(nn.Module):
+    """The holder of the learned pieces below a model (``model.inner_lr``, ``model.bn_step``).
+
+    Its forward is the identity: an ``nn.Sequential`` model runs every child in order, this one
+    included, and must compute what it computed without it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _holder(model: nn.Module, prefix: str) -> nn.Module:
+    if hasattr(model, prefix):
+        raise ModelError("model.factory", f"the model already has an attribute '{prefix}', which the learned "
+                         "inner-loop pieces need")
+    holder = LearnedPieces()
+    model.add_module(prefix, holder)
+    return holder
+
+
+# ------------------------------------------------------------------------------------- the inner loop
+
+
+class _Features(Exception):
+    """Raised by a pre-hook on the head to hand back its input (the body's features) and stop."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+class Unroll:
+    """One task's inner loop under ``options``: the forward pass after ``s`` steps, one step, the losses.
+
+    ``theta`` holds every parameter (the model's and the learned pieces), as leaves that require
+    grad when ``track`` (meta-training) and detached otherwise (adaptation at evaluation).
+    """
+
+    def __init__(self, model: nn.Module, params: Params, buffers: Params, options: MetaOptions, loss: LossName,
+                 *, track: bool = True) -> None:
+        self.options = options
+        self.loss_fn = loss_function(loss)
+        self.theta = {n: (p.detach().requires_grad_() if track else p.detach()) for n, p in params.items()}
+        self.model_names = [n for n in params if not is_learned(n)]
+        self.names = adapted_names(model, options.adapt, options.per_step_bn)
+        self.bn = batchnorm_names(model) if options.per_step_bn else []
+        self.forward = Forward(model, buffers)
+        self.head: tuple[str, nn.Linear] | None = None
+        # ANIL on a model whose output is its head's (Conv4, the MLP): the body runs once per input
+        # and BatchNorm set, not once per step. Off when checkpointing (it would keep the graph).
+        if options.adapt == "head" and type(model) in (Conv4, MLP) and not options.checkpoint:
+            self.head = head_module(model)
+        self._features: dict[tuple[int, int], torch.Tensor] = {}
+
+    def lr(self, name: str, step: int) -> torch.Tensor | float:
+        """The learning rate of ``name`` at inner step ``step`` (0-based)."""
+        kind = self.options.learn_lr
+        if kind == "none":
+            return self.options.lr
+        lr = self.theta[f"{LR_PREFIX}.{name}"]
+        return lr[min(step, self.options.steps - 1)] if kind == "per_layer_per_step" else lr
+
+    def full(self, fast: Params, step: int) -> Params:
+        """The model's parameters for the forward pass after ``step`` inner steps."""
+        p = {n: self.theta[n] for n in self.model_names}
+        p.update(fast)
+        if self.bn and step > 0:
+            row = min(step, self.options.steps) - 1
+            for n in self.bn:
+                p[n] = self.theta[f"{BN_PREFIX}.{n}"][row]
+        return p
+
+    def output(self, fast: Params, step: int, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.forward(self.full(fast, step), x)
+        key = (id(x), min(step, self.options.steps) if self.bn else 0)
+        features = self._features.get(key)
+        if features is None:
+            features = self._features[key] = self._body(fast, step, x)
+        name, module = self.head
+        prefix = f"{name}." if name else ""
+        bias = fast.get(prefix + "bias") if module.bias is not None else None
+        return F.linear(features, fast[prefix + "weight"], bias)
+
+    def _body(self, fast: Params, step: int, x: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None
+
+        def capture(_module: nn.Module, args: tuple) -> None:
+            raise _Features(args[0])
+
+        handle = self.head[1].register_forward_pre_hook(capture)
+        try:
+            self.forward(self.full(fast, step), x)
+        except _Features as found:
+            return found.value
+        finally:
+            handle.remove()
+        raise RuntimeError("inner.adapt: the model's forward never reached its head")
+
+    def loss(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.output(fast, step, x)
+        return self.loss_fn(out, y), out
+
+    def step(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor, *,
+             create_graph: bool) -> tuple[Params, torch.Tensor]:
+        """One SGD step with this step's learning rates. Without ``create_graph`` the gradients are
+        constants (first order), but the update stays differentiable in the learning rates."""
+        loss, _ = self.loss(fast, step, x, y)
+        check_finite(loss.detach(), "inner loss", f"at inner step {step}")
+        grads = torch.autograd.grad(loss, tuple(fast.values()), create_graph=create_graph)
+        return {n: p - self.lr(n, step) * g for (n, p), g in zip(fast.items(), grads, strict=True)}, loss
+
+    def initial(self) -> Params:
+        return {n: self.theta[n] for n in self.names}
+
+
+def task_meta_gradient(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    task: Task,
+    *,
+    options: MetaOptions,
+    loss: LossName,
+    first_order: bool = False,
+    before: bool = True,
+) -> tuple[Params, dict[str, float]]:
+    """One task's meta-gradient with respect to every parameter in ``params`` (the learned pieces
+    included), and its metrics (those of ``workers.maml.maml_task``).
+
+    The meta-objective is ``sum_s w_s L_query(theta_s)`` over the steps s = 1..S (``options.weights()``:
+    the last step's loss only unless the multi-step loss is on). ``first_order`` treats the inner
+    gradients as constants (first-order MAML; the learning rates still get their gradient).
+    """
+    unroll = Unroll(model, params, buffers, options, loss)
+    classification = loss == "cross_entropy"
+    metrics: dict[str, float] = {}
+    if before:
+        with torch.no_grad():
+            out0 = unroll.output(unroll.initial(), 0, task.x_query) if unroll.head is None else None
+        if out0 is None:  # ANIL: the query features are computed once, with their graph, and kept
+            out0 = unroll.output(unroll.initial(), 0, task.x_query).detach()
+        metrics["meta/loss_before"] = unroll.loss_fn(out0, task.y_query).item()
+        if classification:
+            metrics["meta/accuracy_before"] = accuracy(out0, task.y_query)
+    run = _checkpointed if options.checkpoint else _unrolled
+    grads, support_before, final_loss, final_out = run(unroll, task, first_order)
+    check_finite(final_loss.detach(), "query loss", "after adaptation")
+    metrics["inner/loss_before"] = support_before
+    metrics["meta/loss"] = final_loss.item()
+    if classification:
+        metrics["meta/accuracy"] = accuracy(final_out, task.y_query)
+    return grads, metrics
+
+
+def _zeros_for_none(grads: tuple, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True)]
+
+
+def _unrolled(unroll: Unroll, task: Task, first_order: bool):
+    """Every step's graph kept, one backward pass: the reference schedule."""
+    weights = unroll.options.weights()
+    fast = unroll.initial()
+    total: torch.Tensor | float = 0.0
+    support_before = math.nan
+    for s in range(unroll.options.steps):
+        fast, support = unroll.step(fast, s, task.x_support, task.y_support, create_graph=not first_order)
+        if s == 0:
+            support_before = support.item()
+        if weights[s] != 0.0:
+            query, out = unroll.loss(fast, s + 1, task.x_query, task.y_query)
+            total = total + weights[s] * query
+    theta = list(unroll.theta.values())
+    assert isinstance(total, torch.Tensor)
+    grads = torch.autograd.grad(total, theta, allow_unused=True)
+    return (dict(zip(unroll.theta, _zeros_for_none(grads, theta), strict=True)), support_before,
+            query.detach(), out.detach())
+
+
+def _checkpointed(unroll: Unroll, task: Task, first_order: bool):
+    """The same gradient with one step's graph at a time: the forward pass keeps the adapted
+    parameters after each step (no graph); the backward pass recomputes step s from them, with its
+    graph, and pushes the gradient at theta_{s+1} back to theta_s (plus the learning rates', the
+    frozen parameters' and step s's query loss contributions)."""
+    steps, weights = unroll.options.steps, unroll.options.weights()
+    xs, ys, xq, yq = task
+    states = [{n: p.detach() for n, p in unroll.initial().items()}]
+    support_before = math.nan
+    for s in range(steps):
+        leaf = {n: p.requires_grad_() for n, p in ((n, p.detach()) for n, p in states[-1].items())}
+        new, support = unroll.step(leaf, s, xs, ys, create_graph=False)
+        if s == 0:
+            support_before = support.item()
+        states.append({n: p.detach() for n, p in new.items()})
+        del new, support, leaf
+    theta_names, theta = list(unroll.theta), list(unroll.theta.values())
+    total = {n: torch.zeros_like(p) for n, p in unroll.theta.items()}
+    grad_fast: list[torch.Tensor] = []
+    final_loss = final_out = None
+    for s in range(steps, -1, -1):
+        fast = {n: p.detach().requires_grad_() for n, p in states[s].items()}
+        outputs: list[torch.Tensor] = []
+        grad_outputs: list[torch.Tensor] = []
+        if s < steps:  # the step from theta_s to theta_{s+1}, recomputed with its graph
+            new, _ = unroll.step(fast, s, xs, ys, create_graph=not first_order)
+            outputs += list(new.values())
+            grad_outputs += grad_fast
+        if s >= 1 and weights[s - 1] != 0.0:
+            query, out = unroll.loss(fast, s, xq, yq)
+            if s == steps:
+                final_loss, final_out = query.detach(), out.detach()
+            outputs.append(weights[s - 1] * query)
+            grad_outputs.append(torch.ones_like(query))
+        wrt = [*fast.values(), *theta]
+        grads = _zeros_for_none(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True), wrt)
+        grad_fast = grads[:len(fast)]
+        for n, g in zip(theta_names, grads[len(fast):], strict=True):
+            total[n] += g
+        del outputs, grad_outputs, grads
+    for n, g in zip(states[0], grad_fast, strict=True):  # theta_0 is the meta-parameters themselves
+        total[n] += g
+    assert final_loss is not None and final_out is not None
+    return total, support_before, final_loss, final_out
+
+
+# ------------------------------------------------------------------------------------- adaptation
+
+
+def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+          options: MetaOptions, loss: LossName,
+          should_stop: Callable[[], bool] | None = None) -> tuple[Params, float, float]:
+    """``steps`` steps of the learned inner loop on (x, y): the adapted model parameters (for the
+    forward pass after ``steps`` steps: the BatchNorm weights of that step included, the learned
+    pieces left out), and the loss before and after."""
+    options = replace(options, checkpoint=False, msl_weights=None)
+    unroll = Unroll(model, params, buffers, options, loss, track=False)
+    fast = unroll.initial()
+    with torch.no_grad():
+        before = unroll.loss(fast, 0, x, y)[0].item()
+    for s in range(steps):
+        if s and should_stop is not None and should_stop():
+            raise Stopped(s)
+        leaf = {n: p.detach().requires_grad_() for n, p in fast.items()}
+        new, _ = unroll.step(leaf, s, x, y, create_graph=False)
+        fast = {n: p.detach() for n, p in new.items()}
+    with torch.no_grad():
+        after = unroll.loss(fast, steps, x, y)[0].item() if steps else before
+        adapted = {n: p.detach() for n, p in unroll.full(fast, steps).items()}
+    return adapted, before, after
