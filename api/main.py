@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
-from api.routes import api_router, health
+from api.routes import api_router, health, ui
 from api.validation import install_validation_handler
 from service import jobs
 from service.adaptation import Adapter
@@ -108,4 +108,5 @@ def create_app(settings: Settings | None = None, *, backend: Backend = ray_backe
     install_validation_handler(app)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(ui.router)  # the dashboard at /
     return app

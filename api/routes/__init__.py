@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.routes import adapted, health, jobs, keys, models, quotas, sweeps
+from api.routes import adapted, health, jobs, keys, models, quotas, sweeps, ui
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
@@ -12,4 +12,4 @@ api_router.include_router(adapted.router)
 api_router.include_router(keys.router)
 api_router.include_router(quotas.router)
 
-__all__ = ["api_router", "health"]
+__all__ = ["api_router", "health", "ui"]  # health and ui: outside /api/v1 (api.main)
