@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "maml"
 LAUNCH_TRIES = 3  # a driver that fails to start this many times fails its run
 GC_EVERY_S = 5.0  # how often the actors of ended runs are looked for (a call to the GCS)
+# A driver launched this long ago whose run is still queued is waiting for room on the cluster (its
+# CPUs): it holds none of the service's run slots, so the runs queued behind it are launched.
+PLACEMENT_GRACE_S = 10.0
 
 
 def actor_name(kind: str, run_id: str) -> str:
@@ -104,8 +107,12 @@ class Launcher:
             self._collect_garbage(session)
         free = limit - runs.count_running(session=session, table=self.table)
         now = time.monotonic()
+        with self._lock:
+            unplaced = {run_id for run_id, _, launched in self._drives.values() if now - launched >= PLACEMENT_GRACE_S}
         launch = []
         for run_id in queued:
+            if run_id in unplaced:
+                continue  # no room for it yet: it must not hold up the runs behind it
             if free <= 0:
                 break
             free -= 1
@@ -134,14 +141,19 @@ class Launcher:
         for ref in ready:
             with self._lock:
                 run_id, actor, _ = self._drives.pop(ref)
-            self._launched.pop(run_id, None)
             try:
                 outcome = ray.get(ref)
             except RayActorError as exc:  # the driver died: before its claim (it never started) or after
+                self._launched.pop(run_id, None)
                 self._driver_died(session, run_id, exc)
             except Exception:
+                self._launched.pop(run_id, None)
                 logger.exception("%s %s: its driver failed to record the run", self.kind, run_id)
             else:
+                # Not claimed (another driver holds it, or the service's limit was reached when it
+                # tried): launched again after a lease's time at the earliest, not at once.
+                if outcome is not None:
+                    self._launched.pop(run_id, None)
                 logger.info("%s %s: its driver ended (%s)", self.kind, run_id, outcome or "not claimed")
             ray.kill(actor, no_restart=True)
 

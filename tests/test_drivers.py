@@ -147,3 +147,27 @@ def test_stopping_the_embedded_service_requeues_its_jobs_to_resume(on_ray) -> No
     with factory() as session:
         iterations = session.scalars(select(JobMetric.iteration).where(JobMetric.job_id == job_id)).all()
     assert sorted(iterations) == list(range(1, 401))  # the resumed iterations replaced, none twice
+
+
+def test_a_job_the_cluster_has_no_room_for_does_not_hold_up_the_next(on_ray) -> None:
+    """One job slot (``MAML_MAX_CONCURRENT_JOBS=1``); the first job asks for 3 CPUs of the cluster's
+    2: it waits for room (up to ``MAML_WORKER_START_TIMEOUT_S``, here 10 minutes), and the job queued
+    behind it is driven meanwhile. It used to wait behind it for the whole timeout."""
+    settings, factory = on_ray
+    manager = JobManager(settings=settings, session_factory=factory)
+    manager.start()
+    try:
+        greedy = new_job(factory, resources={"cpus_per_worker": 3})
+        manager.submit(greedy)
+        small = new_job(factory)
+        manager.submit(small)
+        job = wait_for_row(factory, small, lambda j: j.status in TERMINAL, timeout=120)
+        assert job.status == "succeeded", job.error
+        with factory() as session:
+            assert session.get(Job, greedy).status == "queued"
+        with factory() as session:
+            runs.request_cancel(session=session, table=Job, run_id=greedy, scope=None)
+        manager.cancel(greedy)
+        assert wait_for_row(factory, greedy, lambda j: j.status in TERMINAL, timeout=30).status == "cancelled"
+    finally:
+        manager.stop()
