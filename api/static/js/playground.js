@@ -204,7 +204,7 @@ function images(view, model, signal) {
   const support = [];
   const rows = [];
   for (let c = 0; c < ways; c++) {
-    const row = h("div", { class: "canvases", role: "group", "aria-label": `Class ${c}` });
+    const row = h("div", { class: "canvases class-group", role: "group", "aria-label": `Class ${c}` });
     for (let k = 0; k < shots; k++) {
       const cell = drawingCanvas(`class ${c}${shots > 1 ? ` · ${k + 1}` : ""}`, `support-${c}-${k}`);
       support.push({ label: c, ...cell });
@@ -246,7 +246,7 @@ function images(view, model, signal) {
   view.append(
     h("p", { class: "muted" }, `Draw (or upload) ${shots} example${shots > 1 ? "s" : ""} of each of ${ways} new classes `
       + "— dark ink on white, as Omniglot — and a query; the model adapts to your classes and classifies the query."),
-    rows, h("h3", {}, "Query"), h("div", { class: "canvases" }, query.cell),
+    h("div", { class: "canvases", id: "support" }, rows), h("h3", {}, "Query"), h("div", { class: "canvases" }, query.cell),
     h("div", { class: "row" }, stepsLabel, steps, adapt), result);
 }
 
