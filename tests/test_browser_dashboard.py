@@ -344,6 +344,36 @@ def test_draw_on_the_omniglot_canvases_and_get_a_prediction(page, server: str, a
     shot(page, "playground-omniglot")
 
 
+def test_a_sweeps_trials_live_with_the_early_stopped_one_cut(page, server: str, acme: str) -> None:
+    # One trial at a time: the good learning rate reaches ASHA's rungs first, so the bad one is stopped early.
+    sweep = {"name": "lr-sweep", "base": {"outer": {"iterations": 8, "meta_batch_size": 5},
+                                          "eval": {"every": 1, "tasks": 20, "steps": 5}, "checkpoint": {"every": 4}},
+             "space": {"outer.lr": {"grid": [0.001, 0.1]}}, "metric": "eval/loss", "mode": "min",
+             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}, "num_samples": 1,
+             "max_concurrent_trials": 1}
+    with _api(server, acme) as api:
+        r = api.post("/sweeps", json=sweep)
+        assert r.status_code == 201, r.text
+        sweep_id = r.json()["id"]
+    sign_in(page, server, acme)
+    page.click("nav a[href='#/sweeps']")
+    page.click(f"#sweeps a[href='#/sweeps/{sweep_id}']")
+    page.wait_for_selector("#trials table tbody tr", timeout=120_000)
+    page.wait_for_selector("h1 .badge[data-status=succeeded]", timeout=240_000)
+    rows = page.locator("#trials tbody tr")
+    assert rows.count() == 2
+    best = page.locator("#trials tbody tr.best")
+    assert best.count() == 1 and "0.001" in best.inner_text() and "completed" in best.inner_text()
+    with _api(server, acme) as api:
+        final = api.get(f"/sweeps/{sweep_id}").json()
+    assert page.get_attribute("a[href^='#/models/']", "href") == f"#/models/{final['model_id']}"
+    stopped = [t for t in final["trials"] if t["status"] == "stopped_early"]
+    assert stopped, final["counts"]
+    assert page.locator("#chart-trials path.cut").count() == len(stopped)
+    assert f"stopped early at {stopped[0]['iteration']}" in page.inner_text("#chart-trials .legend")
+    shot(page, "sweep")
+
+
 def test_a_second_tenant_sees_none_of_the_first_tenants_things(page, server: str, acme: str,
                                                                models: dict[str, str]) -> None:
     with _api(server, acme) as api:

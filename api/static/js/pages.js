@@ -73,7 +73,8 @@ export async function jobsPage(view, { signal, query }) {
       pager(page.count, offset, (o) => setQuery("#/jobs", { status, offset: String(o) })));
   }
   await load();
-  performance.mark("jobs-painted");
+  performance.mark("jobs-rendered");  // in the DOM; painted at the next frame (benchmarks/dashboard.py)
+  requestAnimationFrame(() => setTimeout(() => performance.mark("jobs-painted")));
   every(2000, () => load().catch(() => {}), signal);
 }
 
