@@ -11,8 +11,8 @@
   ``nn.Linear``) only; the body is meta-learned but frozen inside the loop. On Conv4 and the MLP
   the body's features are computed once per task and set, not at every step.
 * Gradient checkpointing through the inner loop (``checkpoint``): the forward pass keeps only the
-  adapted parameters after each step; the backward pass recomputes one step at a time and pushes
-  the gradient through it (a vector-Jacobian product), so memory holds one step's graph, not all.
+  adapted parameters of every sqrt(S)-th step; the backward pass recomputes one step at a time and
+  pushes the gradient through it (a vector-Jacobian product), so memory holds one step's graph, not all.
 
 The learned pieces are parameters of the model itself, under two prefixes, so that the
 meta-optimizer, the all-reduce, checkpoints, the export and ``GET /models/{id}/weights`` see them
@@ -394,27 +394,53 @@ def _unrolled(unroll: Unroll, task: Task, first_order: bool):
 
 
 def _checkpointed(unroll: Unroll, task: Task, first_order: bool):
-    """The same gradient with one step's graph at a time: the forward pass keeps the adapted
-    parameters after each step (no graph); the backward pass recomputes step s from them, with its
-    graph, and pushes the gradient at theta_{s+1} back to theta_s (plus the learning rates', the
-    frozen parameters' and step s's query loss contributions)."""
+    """The same gradient with one step's graph at a time.
+
+    The forward pass keeps the adapted parameters only every ``k = ceil(sqrt(S))`` steps (no graph);
+    the backward pass recomputes one segment of ``k`` states at a time from its first, then, step by
+    step from the last, recomputes step s with its graph and pushes the gradient at theta_{s+1}
+    back to theta_s (plus the learning rates', the frozen parameters' and step s's query loss
+    contributions). Memory: one step's graph, the query pass, about 2 sqrt(S) parameter copies.
+    """
     steps, weights = unroll.options.steps, unroll.options.weights()
     xs, ys, xq, yq = task
-    states = [{n: p.detach() for n, p in unroll.initial().items()}]
+    every = max(1, math.ceil(math.sqrt(steps)))
     support_before = math.nan
-    for s in range(steps):
-        leaf = {n: p.requires_grad_() for n, p in ((n, p.detach()) for n, p in states[-1].items())}
+
+    def advance(state: Params, s: int) -> tuple[Params, torch.Tensor]:
+        leaf = {n: p.detach().requires_grad_() for n, p in state.items()}
         new, support = unroll.step(leaf, s, xs, ys, create_graph=False)
+        return {n: p.detach() for n, p in new.items()}, support.detach()
+
+    state = {n: p.detach() for n, p in unroll.initial().items()}
+    kept = {0: state}  # theta_s for s a multiple of ``every``, and theta_S
+    for s in range(steps):
+        state, support = advance(state, s)
         if s == 0:
             support_before = support.item()
-        states.append({n: p.detach() for n, p in new.items()})
-        del new, support, leaf
+        if (s + 1) % every == 0 or s + 1 == steps:
+            kept[s + 1] = state
+    segment: dict[int, Params] = {}
+
+    def at(s: int) -> Params:
+        """theta_s: kept, or recomputed with the rest of its segment from the segment's first."""
+        if s in kept:
+            return kept[s]
+        if s not in segment:
+            segment.clear()
+            first = s - s % every
+            state = kept[first]
+            for t in range(first, s):
+                state, _ = advance(state, t)
+                segment[t + 1] = state
+        return segment[s]
+
     theta_names, theta = list(unroll.theta), list(unroll.theta.values())
     total = {n: torch.zeros_like(p) for n, p in unroll.theta.items()}
     grad_fast: list[torch.Tensor] = []
     final_loss = final_out = None
     for s in range(steps, -1, -1):
-        fast = {n: p.detach().requires_grad_() for n, p in states[s].items()}
+        fast = {n: p.detach().requires_grad_() for n, p in at(s).items()}
         outputs: list[torch.Tensor] = []
         grad_outputs: list[torch.Tensor] = []
         if s < steps:  # the step from theta_s to theta_{s+1}, recomputed with its graph
@@ -433,7 +459,7 @@ def _checkpointed(unroll: Unroll, task: Task, first_order: bool):
         for n, g in zip(theta_names, grads[len(fast):], strict=True):
             total[n] += g
         del outputs, grad_outputs, grads
-    for n, g in zip(states[0], grad_fast, strict=True):  # theta_0 is the meta-parameters themselves
+    for n, g in zip(kept[0], grad_fast, strict=True):  # theta_0 is the meta-parameters themselves
         total[n] += g
     assert final_loss is not None and final_out is not None
     return total, support_before, final_loss, final_out
