@@ -129,6 +129,22 @@ def test_multi_step_loss_equals_weighted_sum_of_step_losses(checkpoint: bool) ->
     assert metrics["inner/loss_before"] == pytest.approx(plain_metrics["inner/loss_before"], rel=1e-12)
 
 
+def test_public_meta_gradient_takes_the_options() -> None:
+    from workers import meta_gradient
+
+    model = attach(_bn_net(), steps=2, lr=0.2, learn_lr="per_parameter")
+    params, buffers = split_state(model)
+    tasks = [_task(7), _task(8)]
+    grads, metrics = meta_gradient(model, [tuple(t) for t in tasks], algorithm="maml", inner_steps=2, inner_lr=0.2,
+                                   loss="cross_entropy", meta=MetaOptions(steps=2, lr=0.2, learn_lr="per_parameter"))
+    each = [task_meta_gradient(model, params, buffers, t, options=MetaOptions(steps=2, lr=0.2,
+                                                                             learn_lr="per_parameter"),
+                               loss="cross_entropy")[0] for t in tasks]
+    assert set(grads) == set(params)
+    for n in params:
+        torch.testing.assert_close(grads[n], (each[0][n] + each[1][n]) / 2, rtol=1e-12, atol=1e-14)
+
+
 def test_first_order_general_loop_equals_fomaml() -> None:
     model = _bn_net()
     params, buffers = split_state(model)

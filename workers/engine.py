@@ -90,6 +90,7 @@ def meta_gradient(
     inner_optimizer: OptimizerName = "sgd",
     inner_batch_size: int | None = None,
     before: bool = True,
+    meta: MetaOptions | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The mean meta-gradient of ``model`` over ``tasks``, and the mean metrics.
 
@@ -98,6 +99,8 @@ def meta_gradient(
     meta-gradient, for Reptile the mean of (phi - phi_adapted). Either is what the outer optimizer
     consumes (set it as ``.grad`` and step). The model itself is not modified. ``before=False``
     skips the pre-adaptation query pass (no ``meta/loss_before``, ``meta/accuracy_before``).
+    ``meta``: the MAML++ / Meta-SGD / ANIL options (``workers.mamlpp``; the learned pieces are
+    parameters of ``model``, added by ``workers.mamlpp.attach``, and get their meta-gradients too).
 
     >>> grads, metrics = meta_gradient(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
     ...                                loss="cross_entropy")
@@ -110,7 +113,7 @@ def meta_gradient(
     total = shard_meta_gradient(
         model, params, buffers, [Task(*t) for t in tasks], algorithm=algorithm, inner_steps=inner_steps,
         inner_lr=inner_lr, loss=loss, inner_optimizer=inner_optimizer, inner_batch_size=inner_batch_size,
-        before=before,
+        before=before, meta=meta,
     )
     grads, metrics, _ = mean([total])
     return grads, metrics
