@@ -258,13 +258,13 @@ def _image_task(seed: int) -> Task:
                 torch.randn(6, 1, 16, 16, generator=gen, dtype=DT), torch.tensor([0, 1, 2, 0, 1, 2]))
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(learn_lr="per_layer_per_step", per_step_bn=True, msl_weights=(0.1, 0.1, 0.1, 0.1, 0.1, 0.5)),
-    dict(learn_lr="per_parameter"),
+@pytest.mark.parametrize("steps, options", [
+    (6, dict()),
+    (10, dict()),  # segments of ceil(sqrt(10)) = 4 steps: kept 0, 4, 8, 10; the rest recomputed
+    (6, dict(learn_lr="per_layer_per_step", per_step_bn=True, msl_weights=(0.1, 0.1, 0.1, 0.1, 0.1, 0.5))),
+    (6, dict(learn_lr="per_parameter")),
 ])
-def test_checkpointed_gradients_equal_plain_second_order(options: dict) -> None:
-    steps = 6
+def test_checkpointed_gradients_equal_plain_second_order(steps: int, options: dict) -> None:
     model = attach(_tiny_conv4(), steps=steps, lr=0.1, learn_lr=options.get("learn_lr", "none"),
                    per_step_bn=options.get("per_step_bn", False))
     _perturb(model, scale=0.1)
