@@ -304,6 +304,19 @@ def intra_op_threads(max_concurrency: int) -> int:
     return max(1, _cores() // max_concurrency)
 
 
+# The adaptation threads' nice value: computing, they yield the CPU to the event loop, so that a
+# flood of slow queries does not slow every other request down (list, status, events).
+ADAPT_THREAD_NICE = 10
+
+
+def _adaptation_thread(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:  # Linux: a thread's own priority (lowering it needs no privilege)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ADAPT_THREAD_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
 class Adapter:
     """Adaptation queries over the registry, with an LRU cache of loaded models (bounded in bytes) and
     bounded concurrency."""
@@ -326,7 +339,7 @@ class Adapter:
         concurrency = settings.adapt_max_concurrency
         per_tenant = settings.adapt_max_running_per_tenant or max(1, concurrency - 1)
         self._pool = FairPool(workers=concurrency, max_per_tenant=per_tenant, thread_name_prefix="maml-adapt",
-                              initializer=torch.set_num_threads, initargs=(threads,))
+                              initializer=_adaptation_thread, initargs=(threads,))
         # Least recently used first; _cached_bytes is the sum of their nbytes (both under _cache_lock).
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cached_bytes = 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,52 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     import ray
 
     if ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        # Ray starts a local cluster's GCS, raylet and agents with PR_SET_PDEATHSIG = SIGKILL (fate
+        # sharing), and Linux sends that signal when the *thread* that started them ends, not the
+        # process: started from a job's or a request's thread, the whole cluster was killed,
+        # silently, when that thread exited (the raylet deaths of issue 12). They are started from
+        # a thread that lives as long as the process.
+        _on_keeper_thread(lambda: _init(address, num_cpus=num_cpus))
+        return
+    _init(address, num_cpus=num_cpus)
+
+
+_keeper_calls: queue.Queue[tuple[Callable[[], None], queue.Queue[BaseException | None]]] = queue.Queue()
+_keeper_lock = threading.Lock()
+_keeper: threading.Thread | None = None
+
+
+def _keep() -> None:
+    while True:  # never returns: the processes it started die with the process, not before
+        call, answer = _keeper_calls.get()
+        try:
+            call()
+        except BaseException as exc:
+            answer.put(exc)
+        else:
+            answer.put(None)
+
+
+def _on_keeper_thread(call: Callable[[], None]) -> None:
+    """Run ``call`` on the process's keeper thread (started once, never ending) and wait for it."""
+    global _keeper
+    with _keeper_lock:
+        if _keeper is None:
+            _keeper = threading.Thread(target=_keep, name="maml-ray-keeper", daemon=True)
+            _keeper.start()
+    answer: queue.Queue[BaseException | None] = queue.Queue()
+    _keeper_calls.put((call, answer))
+    error = answer.get()
+    if error is not None:
+        raise error
+
+
+def _init(address: str | None, *, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():  # another thread was first
         return
     # Workers import this package: they run from our source tree, ahead of the PYTHONPATH they
     # inherit (Ray expands ${PYTHONPATH} on the node).
