@@ -279,5 +279,100 @@ def create_key(tenant: str, name: str = "key", url: Url = DEFAULT_URL, key: Key 
     console.print(f"key {created['id']} for tenant {created['tenant']}: [bold]{created['secret']}[/bold]")
 
 
+quotas_app = typer.Typer(help="(admin) Per-tenant quotas: what each tenant may hold, and holds now.",
+                         no_args_is_help=True)
+app.add_typer(quotas_app, name="quotas")
+# The quotas that a tenant holds some of at a time (the others are limits per run: no use).
+HELD = ("jobs", "sweeps", "workers", "cpus", "gpus", "models", "model_bytes", "adaptations")
+
+
+def _amount(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _held(quota: dict[str, Any], name: str) -> str:
+    used, limit = quota["use"][name], quota["limits"][name]
+    mark = "*" if name in quota["overrides"] else ""
+    if name == "model_bytes":
+        return f"{_bytes(used)}/{_bytes(limit)}{mark}"
+    return f"{_amount(used)}/{_amount(limit)}{mark}"
+
+
+@quotas_app.command("list")
+def quotas_list(limit: int = 100, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Every tenant's use against its quotas (used/limit; * marks an override; `show` has them all)."""
+    try:
+        page = _client(url, key).quotas(limit=limit)
+    except ApiError as exc:
+        _fail(exc)
+    table = Table(title=f"{page['count']} tenants")
+    table.add_column("tenant", no_wrap=True)
+    for name in HELD:
+        table.add_column(name.replace("_", " "), overflow="fold")
+    for quota in page["data"]:
+        table.add_row(quota["tenant"], *(_held(quota, name) for name in HELD))
+    console.print(table)
+
+
+def _show(quota: dict[str, Any]) -> None:
+    table = Table("quota", "limit", "in use", "set by", title=f"tenant {quota['tenant']}")
+    for name, limit in quota["limits"].items():
+        used = quota["use"].get(name)
+        table.add_row(name, _amount(limit), "-" if used is None else _amount(used),
+                      "override" if name in quota["overrides"] else "default")
+    console.print(table)
+
+
+@quotas_app.command("show")
+def quotas_show(tenant: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """A tenant's quotas in force and what it holds now."""
+    try:
+        _show(_client(url, key).quota(tenant))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@quotas_app.command("set")
+def quotas_set(tenant: str,
+               values: Annotated[list[str], typer.Argument(help="NAME=N, or NAME=default (e.g. jobs=4 cpus=16)")],
+               url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Change some of a tenant's quotas; the others stay as they are."""
+    changes: dict[str, int | None] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{item!r}: expected NAME=N or NAME=default")
+        if value == "default":
+            changes[name] = None
+        else:
+            try:
+                changes[name] = int(value)
+            except ValueError:
+                raise typer.BadParameter(f"{item!r}: {value!r} is not an integer (or 'default')") from None
+    try:
+        _show(_client(url, key).update_quota(tenant, changes))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@quotas_app.command("reset")
+def quotas_reset(tenant: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Every quota of a tenant back to its default."""
+    client = _client(url, key)
+    try:
+        client.reset_quota(tenant)
+        _show(client.quota(tenant))
+    except ApiError as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":
     app()

@@ -72,6 +72,19 @@ class Client:
     def create_key(self, tenant: str, name: str = "key") -> dict[str, Any]:
         return self._call("POST", "/keys", json={"tenant": tenant, "name": name})
 
+    def quotas(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        return self._call("GET", "/quotas", params={"limit": limit, "offset": offset})
+
+    def quota(self, tenant: str) -> dict[str, Any]:
+        return self._call("GET", f"/quotas/{tenant}")
+
+    def update_quota(self, tenant: str, values: dict[str, int | None]) -> dict[str, Any]:
+        """Change the given quotas of ``tenant`` (None: back to the default); the others stay."""
+        return self._call("PATCH", f"/quotas/{tenant}", json=values)
+
+    def reset_quota(self, tenant: str) -> None:
+        self._call("DELETE", f"/quotas/{tenant}")
+
     def submit_sweep(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/sweeps", json=spec)
 

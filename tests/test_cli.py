@@ -169,3 +169,29 @@ def test_cli_sweeps_list_watch_and_a_bad_space(server: str, tmp_path: Path) -> N
     text = console.export_text()
     assert "t1" in text and "inner.lr=0.01" in text and "stopped_early" in text and "4/10" in text
     assert "eval/loss" in text and "0.25" in text
+
+
+def test_cli_quotas_list_show_set_reset(server: str) -> None:
+    _cli("create-key", "quota-tenant", url=server, key=ADMIN_TOKEN)
+    out = _cli("quotas", "set", "quota-tenant", "jobs=3", "model_bytes=2000000", url=server, key=ADMIN_TOKEN)
+    assert "tenant quota-tenant" in out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in out.splitlines() if line.count("│") >= 5}
+    assert rows["jobs"] == ["3", "0", "override"] and rows["model_bytes"] == ["2,000,000", "0", "override"], rows
+    assert rows["cpus"][2] == "default" and rows["iterations"][1] == "-", rows
+    out = _cli("quotas", "list", url=server, key=ADMIN_TOKEN)
+    assert "quota-tenant" in out and "0/3*" in out
+    out = _cli("quotas", "set", "quota-tenant", "jobs=default", url=server, key=ADMIN_TOKEN)
+    assert "override" in out and "jobs" in out  # model_bytes is still an override; jobs is not
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 5}
+    assert "default" in rows["jobs"] and "override" in rows["model_bytes"]
+    _cli("quotas", "reset", "quota-tenant", url=server, key=ADMIN_TOKEN)
+    assert "override" not in _cli("quotas", "show", "quota-tenant", url=server, key=ADMIN_TOKEN)
+    # A bad value names the quota; a tenant's key is not an admin's.
+    result = runner.invoke(app, ["quotas", "set", "quota-tenant", "jobs=-1", "--url", server, "--key", ADMIN_TOKEN])
+    assert result.exit_code == 1 and "jobs" in result.output, result.output
+    result = runner.invoke(app, ["quotas", "set", "quota-tenant", "jobs=many", "--url", server, "--key", ADMIN_TOKEN])
+    assert result.exit_code == 2 and "not an integer" in result.output, result.output
+    secret = _cli("create-key", "quota-tenant", url=server, key=ADMIN_TOKEN).strip().split()[-1]
+    result = runner.invoke(app, ["quotas", "list", "--url", server, "--key", secret])
+    assert result.exit_code == 1 and "HTTP 403" in result.output, result.output
