@@ -271,8 +271,8 @@ class _SweepRun:
         """``run_sweep``'s on_trial_update: write status changes at once, progress throttled."""
         with self.lock:
             self.pending = trials
-            if self.tracker is not None:
-                self.tracker.update(trials)  # never raises: a tracking failure is a warning
+        if self.tracker is not None:
+            self.tracker.update(trials)  # never raises: a tracking failure is a warning
         self.flush()
 
     def should_stop(self) -> bool:

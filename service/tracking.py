@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,13 @@ class RunTracker:
         from tensorboardX import SummaryWriter
 
         path.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(path), flush_secs=5)
-        rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(spec).items())
-        self.writer.add_text("spec", f"**{name}**\n\n| field | value |\n|---|---|\n{rows}", 0)
+        resumed = any(path.glob("events.out.tfevents.*"))
+        # A file of its own per attempt, named after the last: tensorboardX names files by the second and
+        # the host, so a resumed job's writer would otherwise replace its first attempt's file.
+        self.writer = SummaryWriter(logdir=str(path), flush_secs=5, filename_suffix=f".{time.time_ns()}")
+        if not resumed:
+            rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(spec).items())
+            self.writer.add_text("spec", f"**{name}**\n\n| field | value |\n|---|---|\n{rows}", 0)
 
     def _open_mlflow(self, uri: str, tenant: str, name: str, spec: Mapping[str, Any],
                      tags: Mapping[str, str]) -> None:
@@ -136,8 +141,6 @@ class RunTracker:
                 self.writer.add_scalar(name, value, iteration)
 
     def _log_mlflow(self, points: list[tuple[int, dict[str, float]]]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         client, run_id = self.mlflow

@@ -197,3 +197,23 @@ def test_through_maml_serve_and_its_ray_drivers(tmp_path: Path) -> None:
     [run] = mlflow.search_runs([mlflow.get_experiment_by_name("maml-service/acme").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["maml.model_id"] == done["model_id"]
     assert sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "eval/loss")) == [30, 60]
+
+
+def test_a_resumed_job_continues_its_mlflow_run(tmp_path: Path) -> None:
+    uri = f"file:{tmp_path / 'mlruns'}"
+    settings = make_settings(tmp_path / "svc", tensorboard_dir=tmp_path / "tb", mlflow_tracking_uri=uri)
+    spec = {"name": "sine", "outer": {"iterations": 4}}
+    first = tracking.open_job(settings, job_id="j1", tenant="acme", name="sine", spec=spec)
+    first.log([(1, {"meta/loss": 2.0}), (2, {"meta/loss": 1.5, "meta/accuracy": float("nan")})])
+    first.close("queued")  # interrupted by a restart: the run stays open for the next attempt
+    second = tracking.open_job(settings, job_id="j1", tenant="acme", name="sine", spec=spec)
+    second.log([(3, {"meta/loss": 1.0}), (4, {"meta/loss": 0.5})])
+    second.close("succeeded")
+    mlflow = MlflowClient(tracking_uri=uri)
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("maml-service/acme").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in sorted(mlflow.get_metric_history(run.info.run_id, "meta/loss"),
+                                              key=lambda m: m.step)] == [(1, 2.0), (2, 1.5), (3, 1.0), (4, 0.5)]
+    assert mlflow.get_metric_history(run.info.run_id, "meta/accuracy") == []  # NaN is skipped
+    events = _events(tmp_path / "tb" / "acme" / "job-j1")  # two writers, one run
+    assert [e.step for e in events.Scalars("meta/loss")] == [1, 2, 3, 4]
