@@ -10,9 +10,10 @@ process, restarts it when it ends, and reads its heartbeat for ``/readyz``. This
 * runs the job and sweep queues with drivers on Ray (:mod:`service.drivers`): it requeues runs
   whose driver's lease expired and launches drivers for queued runs, every
   ``MAML_RECONCILE_INTERVAL_S``;
-* writes a heartbeat file every second, with the state of its Ray cluster; when the cluster stops
-  answering for ``RAY_UNRESPONSIVE_S`` (a dead GCS) it exits, so that it is restarted with a
-  fresh one;
+* writes a heartbeat file every second, with the state of its Ray cluster; when the GCS stops
+  answering for ``RAY_UNRESPONSIVE_S`` (15 s), or no task has run for ``RAY_TASK_UNRESPONSIVE_S``
+  (60 s: a task may wait for a worker process to start), or, embedded, its GCS or raylet process
+  has exited, it exits, so that it is restarted with a fresh cluster;
 * on SIGTERM, or when the API process that started it is gone (``kill -9``), stops its queues
   (drivers on the embedded cluster are interrupted resumably, those on an external one go on)
   and exits.
@@ -35,7 +36,11 @@ from service.manager import JobManager, SweepManager
 
 logger = logging.getLogger("service.reconciler")
 HEARTBEAT_S = 1.0
-RAY_UNRESPONSIVE_S = 15.0  # the cluster has not answered for this long: exit, to be restarted
+RAY_UNRESPONSIVE_S = 15.0  # the GCS has not answered for this long: exit, to be restarted
+# A task on the cluster has not run for this long: exit too. Longer, because a task may wait for a
+# worker process to start, and on a loaded machine that takes a while (18 s was seen here under
+# 64 clients); a dead raylet ends this process anyway (Ray terminates a driver that loses it).
+RAY_TASK_UNRESPONSIVE_S = 60.0
 
 
 def write_heartbeat(path: Path, state: dict[str, object]) -> None:
@@ -46,6 +51,22 @@ def write_heartbeat(path: Path, state: dict[str, object]) -> None:
 
 def _ping() -> int:
     return 1
+
+
+def _dead_embedded_processes() -> list[str]:
+    """The embedded cluster's GCS or raylet that have exited ("raylet (exit -9)"), seen from the
+    process that started them; empty for an external cluster, or if Ray's (private) node handle is
+    not there, when the probes alone decide."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        if node is None or not node.head:
+            return []
+        return [f"{kind} (exit {proc.returncode})" for kind, proc in node.dead_processes()
+                if kind in ("raylet", "gcs_server")]
+    except Exception:  # a private API: never let it take the reconciler down
+        return []
 
 
 def run(settings: Settings, heartbeat: Path, stop: threading.Event) -> None:
@@ -62,17 +83,26 @@ def run(settings: Settings, heartbeat: Path, stop: threading.Event) -> None:
               SweepManager(settings=settings, session_factory=factory)]
     for queue in queues:
         queue.start()
-    answered = {"at": time.monotonic(), "cpus": 0.0}
+    answered = {"at": time.monotonic(), "task": time.monotonic(), "cpus": 0.0}
     ping = ray.remote(num_cpus=0, max_retries=0)(_ping)
 
     def probe() -> None:
-        """The cluster answers: its GCS (the resources) and this node's raylet (a task runs)."""
+        """The cluster answers: its GCS (the resources, every second) and a task runs (one at a
+        time: a new ping only once the last one has answered, so that slow answers never pile up)."""
+        pending = None
         while not stop.is_set():
             try:
                 cpus = ray.cluster_resources().get("CPU", 0.0)
-                ray.get(ping.remote(), timeout=RAY_UNRESPONSIVE_S / 3)
                 answered.update(at=time.monotonic(), cpus=cpus)
+                if pending is None:
+                    pending = ping.remote()
+                ready, _ = ray.wait([pending], timeout=HEARTBEAT_S)
+                if ready:
+                    ray.get(pending)
+                    pending = None
+                    answered["task"] = time.monotonic()
             except Exception as exc:
+                pending = None
                 logger.warning("the Ray cluster does not answer: %s: %s", type(exc).__name__, exc)
             stop.wait(HEARTBEAT_S)
 
@@ -84,12 +114,19 @@ def run(settings: Settings, heartbeat: Path, stop: threading.Event) -> None:
                 logger.warning("the API process %d is gone; stopping", parent)
                 break
             silent = time.monotonic() - answered["at"]
+            no_task = time.monotonic() - answered["task"]
             write_heartbeat(heartbeat, {"ray": silent < RAY_UNRESPONSIVE_S / 3, "ray_cpus": answered["cpus"],
-                                        "ray_silent_s": round(silent, 1)})
-            if silent > RAY_UNRESPONSIVE_S:
+                                        "ray_silent_s": round(silent, 1), "ray_task_silent_s": round(no_task, 1)})
+            dead = _dead_embedded_processes()
+            if dead:
+                logger.error("the embedded Ray cluster lost its %s: exiting to be restarted", ", ".join(dead))
+                logging.shutdown()
+                os._exit(3)
+            if silent > RAY_UNRESPONSIVE_S or no_task > RAY_TASK_UNRESPONSIVE_S:
                 # Stopping the queues or Ray would wait on the dead cluster: leave at once (the
                 # supervisor kills what is left of it); the runs' leases expire and they are requeued.
-                logger.error("the Ray cluster has not answered for %.0fs: exiting to be restarted", silent)
+                logger.error("the Ray cluster has not answered for %.0fs (no task has run for %.0fs): exiting to "
+                             "be restarted", silent, no_task)
                 logging.shutdown()
                 os._exit(3)
     finally:
