@@ -64,12 +64,14 @@ export class LineChart {
    * `new LineChart(parent, {title, xLabel, yLabel, height})`: a <figure> with an SVG, a legend and a
    * caption that says the latest values in words (screen readers, and the tests).
    */
-  constructor(parent, { title, xLabel = "iteration", yLabel = "", height = 220, logY = false } = {}) {
+  constructor(parent, { title, xLabel = "iteration", yLabel = "", height = 220, logY = false, smooth = 0 } = {}) {
     this.title = title;
     this.xLabel = xLabel;
     this.yLabel = yLabel;
     this.height = height;
     this.logY = logY;
+    this.smoothing = smooth;  // > 0: an exponential moving average over the raw curve (faint), as TensorBoard
+    this.smooth = smooth > 0;
     this.series = new Map();
     this.pending = false;
     this.renders = 0;
@@ -78,6 +80,13 @@ export class LineChart {
     this.figure.innerHTML = `<figcaption class="chart-title"></figcaption><div class="chart-body"></div>
       <ul class="legend" aria-hidden="true"></ul><p class="chart-summary visually-hidden" aria-live="off"></p>`;
     this.figure.querySelector(".chart-title").textContent = title;
+    if (smooth > 0) {
+      const toggle = document.createElement("label");
+      toggle.className = "smooth-toggle";
+      toggle.innerHTML = `<input type="checkbox" checked> smoothed`;
+      toggle.firstChild.addEventListener("change", (e) => { this.smooth = e.target.checked; this.schedule(); });
+      this.figure.querySelector(".chart-title").append(" ", toggle);
+    }
     this.body = this.figure.querySelector(".chart-body");
     this.svg = el("svg", { role: "img", "aria-label": title, preserveAspectRatio: "none" }, this.body);
     parent.append(this.figure);
@@ -177,12 +186,17 @@ export class LineChart {
     // Curves, each reduced to at most 4 points per pixel column.
     let rendered = 0;
     for (const s of visible) {
-      const pts = m4(s.xs, s.ys, sx, sy, Math.ceil(w));
-      rendered += pts.length / 2;
-      const d = [];
-      for (let i = 0; i < pts.length; i += 2) d.push(`${pts[i].toFixed(1)},${pts[i + 1].toFixed(1)}`);
-      el("polyline", { points: d.join(" "), fill: "none", stroke: s.color, "stroke-width": s.width,
-        "stroke-dasharray": s.dashed ? "5 4" : "none", "stroke-linejoin": "round", class: "curve" }, svg);
+      const smoothed = this.smooth && s.xs.length > 2;
+      const lines = smoothed ? [[s.ys, { opacity: 0.25, "stroke-width": 1 }], [ema(s.ys, this.smoothing), { class: "curve smoothed" }]]
+        : [[s.ys, {}]];
+      for (const [ys, extra] of lines) {
+        const pts = m4(s.xs, ys, sx, sy, Math.ceil(w));
+        rendered += pts.length / 2;
+        const d = [];
+        for (let i = 0; i < pts.length; i += 2) d.push(`${pts[i].toFixed(1)},${pts[i + 1].toFixed(1)}`);
+        el("polyline", { points: d.join(" "), fill: "none", stroke: s.color, "stroke-width": s.width,
+          "stroke-dasharray": s.dashed ? "5 4" : "none", "stroke-linejoin": "round", class: "curve", ...extra }, svg);
+      }
       if (s.xs.length === 1) el("circle", { cx: sx(s.xs[0]), cy: sy(s.ys[0]), r: 3, fill: s.color }, svg);
       if (s.cut) {
         const cx = sx(s.cut.x), cy = sy(s.last.y);
@@ -192,6 +206,17 @@ export class LineChart {
     }
     this.lastRendered = rendered;
   }
+}
+
+/** An exponential moving average with TensorBoard's debiasing (weight `w` on the past). */
+function ema(ys, w) {
+  const out = new Array(ys.length);
+  let acc = 0;
+  for (let i = 0; i < ys.length; i++) {
+    acc = acc * w + (1 - w) * ys[i];
+    out[i] = acc / (1 - w ** (i + 1));
+  }
+  return out;
 }
 
 /** The first, lowest, highest and last point of each pixel column, as a flat [x, y, x, y, ...] list. */

@@ -80,17 +80,17 @@ export async function jobsPage(view, { signal, query }) {
 
 // The curves of a job: which metric goes to which chart (created when its first metric arrives).
 const CHARTS = [
-  { id: "loss", title: "Meta loss (query, after adaptation; dashed: before)", series: [
+  { id: "loss", smooth: 0.9, title: "Meta loss (query, after adaptation; dashed: before)", series: [
     ["meta/loss", "after adaptation"], ["meta/loss_before", "before adaptation", { dashed: true }]] },
-  { id: "accuracy", title: "Meta accuracy (query)", series: [
+  { id: "accuracy", smooth: 0.9, title: "Meta accuracy (query)", series: [
     ["meta/accuracy", "after adaptation"], ["meta/accuracy_before", "before adaptation", { dashed: true }]] },
-  { id: "return", title: "Return (meta-RL)", series: [
+  { id: "return", smooth: 0.9, title: "Return (meta-RL)", series: [
     ["rl/return_after", "after adaptation"], ["rl/return_before", "before adaptation", { dashed: true }]] },
   { id: "eval-loss", title: "Meta-test loss (evaluations)", series: [
     ["eval/loss", "after adaptation"], ["eval/loss_before", "before adaptation", { dashed: true }]] },
   { id: "eval-accuracy", title: "Meta-test accuracy (evaluations)", series: [
     ["eval/accuracy", "after adaptation"], ["eval/accuracy_before", "before adaptation", { dashed: true }]] },
-  { id: "speed", title: "Iterations per second", series: [["perf/iteration_s", "iterations/s"]],
+  { id: "speed", smooth: 0.9, title: "Iterations per second", series: [["perf/iteration_s", "iterations/s"]],
     map: (v) => (v > 0 ? 1 / v : NaN) },
 ];
 
@@ -122,7 +122,7 @@ export async function jobPage(view, { signal, params: [id] }) {
     const def = CHARTS.find((c) => c.series.some(([key]) => key === name));
     if (!def) return null;
     if (!made.has(def.id)) {
-      const chart = new LineChart(charts, { title: def.title });
+      const chart = new LineChart(charts, { title: def.title, smooth: def.smooth || 0 });
       chart.figure.id = `chart-${def.id}`;
       for (const [key, label, options] of def.series) chart.add(key, label, options);
       // Keep the charts in CHARTS order whatever order their metrics arrive in.
