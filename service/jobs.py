@@ -24,6 +24,7 @@ from service.db import JOB_STATUSES, DatabaseUnavailable, Job, JobMetric, retry_
 from service.errors import InvalidInput
 from service.schemas import finite_metrics
 from workers.errors import SpecError
+from workers.mamlpp import attach_for
 from workers.models import build_model, parameter_count
 from workers.rl.program import build_family, build_policy
 from workers.spec import ImageFolderTask, JobSpec, OmniglotTask
@@ -63,7 +64,8 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     (``workers.tasks.check_task``: Omniglot from its zips' listings; for meta-RL, the environment
     family is built) and the model is built on PyTorch's meta device (shapes only): nothing of a
     tenant's size is allocated or decoded in this process, and such a job is refused at submission
-    instead of failing later.
+    instead of failing later. The count includes the learned inner-loop pieces that training adds to
+    the model (``workers.mamlpp.attach_for``, run here on the meta-device model: Meta-SGD doubles it).
     """
     spec = spec.model_copy(deep=True)
     if spec.model.factory is not None:
@@ -79,12 +81,14 @@ def check_spec(spec: JobSpec, settings: Settings) -> JobSpec:
     try:
         if spec.is_rl:
             env_family = build_family(spec)  # the environments can be made here (half-cheetah needs MuJoCo)
-            count = _count_parameters(spec, lambda: build_policy(spec, env_family))
+            count = _count_parameters(spec, lambda: attach_for(build_policy(spec, env_family), spec))
         else:
             input_shape, output_dim = check_task(spec.task, data_root=settings.data_root,
                                                  cache_dir=settings.cache_path, dtype=torch_dtype(spec))
-            count = _count_parameters(spec, lambda: build_model(
-                spec.model, input_shape=input_shape, output_dim=output_dim, allowed_modules=settings.model_allowlist))
+            # The model as training builds it (workers.supervised.build): with the learned pieces.
+            count = _count_parameters(spec, lambda: attach_for(build_model(
+                spec.model, input_shape=input_shape, output_dim=output_dim, allowed_modules=settings.model_allowlist),
+                spec))
     except SpecError as exc:  # DatasetError, ModelError, an environment: the field is theirs
         raise InvalidInput(exc.field, exc.detail) from exc
     if count > settings.max_model_parameters:
