@@ -87,6 +87,7 @@ class Launcher:
         self.table, self.kind = queue_cls.table, queue_cls.table.kind
         self._actor_cls = ray.remote(RunDriver)
         self._drives: dict[Any, tuple[str, Any, float]] = {}  # a drive's ObjectRef -> (run id, actor, launched at)
+        self._cpus: dict[str, float] = {}  # run id -> the CPUs its driver asked for
         self._launched: dict[str, float] = {}  # run id -> when this replica last launched its driver
         self._failed_starts: Counter[str] = Counter()
         self._last_gc = float("-inf")
@@ -123,7 +124,8 @@ class Launcher:
             if run_id not in specs:  # deleted meanwhile
                 continue
             self._launched[run_id] = now
-            actor = self._actor(run_id, self.queue_cls.driver_cpus(specs[run_id], self.settings))
+            self._cpus[run_id] = cpus = self.queue_cls.driver_cpus(specs[run_id], self.settings)
+            actor = self._actor(run_id, cpus)
             with self._lock:
                 self._drives[actor.drive.remote(run_id)] = (run_id, actor, now)
             logger.info("%s %s: driver launched on the Ray cluster", self.kind, run_id)
@@ -141,6 +143,7 @@ class Launcher:
         for ref in ready:
             with self._lock:
                 run_id, actor, _ = self._drives.pop(ref)
+                self._cpus.pop(run_id, None)
             try:
                 outcome = ray.get(ref)
             except RayActorError as exc:  # the driver died: before its claim (it never started) or after
@@ -171,11 +174,13 @@ class Launcher:
             status = session.scalar(select(self.table.status).where(self.table.id == run_id))
             if status == "queued" and runs.fail_queued(session=session, table=self.table, run_id=run_id, error=(
                     f"the {self.kind}'s driver was not started by the Ray cluster within {timeout:g}s "
-                    f"(MAML_WORKER_START_TIMEOUT_S); it asks for {self.settings.driver_cpus:g} CPUs "
-                    f"(MAML_DRIVER_CPUS), the cluster has {ray.cluster_resources().get('CPU', 0):g}")):
+                    f"(MAML_WORKER_START_TIMEOUT_S); it asks for {self._cpus.get(run_id, 0):g} CPUs "
+                    f"(MAML_DRIVER_CPUS, or the job's resources.cpus_per_worker when its one worker trains in "
+                    f"the driver), the cluster has {ray.cluster_resources().get('CPU', 0):g}")):
                 logger.warning("%s %s: its driver could not be placed; failed", self.kind, run_id)
                 with self._lock:
                     self._drives.pop(ref, None)
+                    self._cpus.pop(run_id, None)
                 ray.kill(actor, no_restart=True)
 
     def _driver_died(self, session: Session, run_id: str, exc: Exception) -> None:
