@@ -78,7 +78,8 @@ class Settings(BaseSettings):
         "default: 'ray' with MAML_RAY_ADDRESS or MAML_RAY_PROCESS=child, else 'process'")
     ray_process: Literal["child", "api"] = Field(
         "child", description="which process joins Ray: 'child', a reconciler the API supervises and restarts (the "
-        "API process cannot die with a raylet; drivers run on Ray), or 'api', the API process itself")
+        "API process cannot die with a raylet; drivers run on Ray), or 'api', the API process itself (the only choice, "
+        "and the default, with MAML_DRIVERS=process)")
     reconcile_interval_s: float = Field(
         0.25, gt=0, le=60, description="how often queued runs are looked for and runs whose driver died are requeued")
     driver_cpus: float = Field(
@@ -176,6 +177,17 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path | None) -> Path | None:
         # Handed to Ray workers, whose working directory is not this process's.
         return value.expanduser().absolute() if value is not None else None
+
+    @model_validator(mode="after")
+    def _ray_process(self) -> Settings:
+        # Runs driven in this process (MAML_DRIVERS=process) join Ray from this process: it is then
+        # the API process that joins Ray, whatever the default says.
+        if self.drivers == "process" and self.ray_process == "child":
+            if "ray_process" in self.model_fields_set:
+                raise ValueError("ray_process: 'child' needs the drivers on Ray; with MAML_DRIVERS=process the "
+                                 "API process drives the runs and joins Ray itself (set MAML_RAY_PROCESS=api)")
+            self.ray_process = "api"
+        return self
 
     @model_validator(mode="after")
     def _secure(self) -> Settings:

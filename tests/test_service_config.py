@@ -38,3 +38,13 @@ def test_production_refuses_missing_or_weak_admin_tokens(monkeypatch) -> None:
     assert Settings(env="development", admin_token="changeme").admin_token is not None  # a warning only
     with pytest.raises(ValidationError, match="max_concurrent_jobs"):
         Settings(max_concurrent_jobs=0)
+
+
+def test_drivers_in_the_api_process_mean_the_api_process_joins_ray(monkeypatch) -> None:
+    monkeypatch.delenv("MAML_RAY_PROCESS", raising=False)
+    assert (Settings().ray_process, Settings().driver_placement) == ("child", "ray")
+    monkeypatch.setenv("MAML_DRIVERS", "process")
+    assert (Settings().ray_process, Settings().driver_placement) == ("api", "process")
+    monkeypatch.setenv("MAML_RAY_PROCESS", "child")  # asked for both: which process joins Ray?
+    with pytest.raises(ValidationError, match="ray_process: 'child' needs the drivers on Ray"):
+        Settings()
