@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from sqlalchemy.orm import Session
 
 from api.deps import AdminKey, PageLimit, PageOffset, SessionDep, SettingsDep
 from service import quotas
+from service.config import Settings
 from service.quotas import AdaptationShares
 from service.schemas import QuotaOverrides, TenantQuotaPublic, TenantQuotasPublic
 
@@ -26,6 +28,13 @@ async def get_adaptation_shares(request: Request) -> AdaptationShares:
 
 
 AdaptationSharesDep = Annotated[AdaptationShares, Depends(get_adaptation_shares)]
+
+
+def _override(session: Session, settings: Settings, shares: AdaptationShares, tenant: str,
+              values: dict[str, int | None], *, replace: bool) -> TenantQuotaPublic:
+    quotas.set_overrides(session=session, tenant=tenant, values=values, replace=replace)
+    shares.forget(tenant)  # this replica sees the new adaptations quota at once
+    return quotas.describe(session=session, settings=settings, tenants=[tenant], adaptations=shares.by_tenant())[0]
 
 
 @router.get("", response_model=TenantQuotasPublic)
@@ -48,18 +57,14 @@ def get_quota(tenant: Tenant, session: SessionDep, settings: SettingsDep, shares
 def replace_quota(tenant: Tenant, body: QuotaOverrides, session: SessionDep, settings: SettingsDep,
                   shares: AdaptationSharesDep, _admin: AdminKey) -> TenantQuotaPublic:
     """Set the tenant's overrides: those given; every other quota back to its default."""
-    quotas.set_overrides(session=session, tenant=tenant, values=body.model_dump(exclude_none=True), replace=True)
-    shares.forget(tenant)
-    return quotas.describe(session=session, settings=settings, tenants=[tenant], adaptations=shares.by_tenant())[0]
+    return _override(session, settings, shares, tenant, body.model_dump(exclude_none=True), replace=True)
 
 
 @router.patch("/{tenant}", response_model=TenantQuotaPublic)
 def update_quota(tenant: Tenant, body: QuotaOverrides, session: SessionDep, settings: SettingsDep,
                  shares: AdaptationSharesDep, _admin: AdminKey) -> TenantQuotaPublic:
     """Change the given overrides only (``null``: that quota back to its default)."""
-    quotas.set_overrides(session=session, tenant=tenant, values=body.model_dump(exclude_unset=True), replace=False)
-    shares.forget(tenant)
-    return quotas.describe(session=session, settings=settings, tenants=[tenant], adaptations=shares.by_tenant())[0]
+    return _override(session, settings, shares, tenant, body.model_dump(exclude_unset=True), replace=False)
 
 
 @router.delete("/{tenant}", status_code=204)
