@@ -224,7 +224,8 @@ def write(result: dict[str, Any]) -> None:
     lines += ["", "- The lag includes the server's flush period (0.2 s) and the event stream's poll (0.25 s): at 10 "
               "iterations/s that is a few iterations.",
               "- Points kept: every series keeps at most 2,000 points (halved when full, the first and newest kept); "
-              "points drawn: at most 4 per pixel column per series. So the page's memory is bounded whatever the "
+              "points drawn: at most 4 per pixel column per line (a smoothed series draws two: "
+              "the raw curve and its moving average). So the page's memory is bounded whatever the "
               "job's length.", "", "Every sample is in `dashboard.json`."]
     (RESULTS / "dashboard.md").write_text("\n".join(lines) + "\n")
 
