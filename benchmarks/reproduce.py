@@ -32,6 +32,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any, Literal
 import torch
 
 from workers.evaluation import meta_test
+from workers.mamlpp import MetaOptions
 from workers.run import Trainer
 from workers.spec import JobSpec
 from workers.supervised import torch_dtype
@@ -77,6 +79,9 @@ class Row:
     kind: Literal["sinusoid", "omniglot", "miniimagenet"]
     notes: str = ""
     not_run: str = ""
+    # MAML++ schedules scaled to the iterations that fit the budget: outer field -> fraction of them
+    # (e.g. {"msl_anneal_iterations": 0.13}); the cosine schedule then spans those iterations too.
+    budget_schedule: dict[str, float] | None = None
 
 
 def _sinusoid(k: int, published: str) -> Row:
@@ -206,9 +211,11 @@ class ProtocolTrainer(Trainer):
         else:
             self.test_family = self.family
         self.eval_seconds = 0.0
+        self.clock: Callable[[], float] = time.perf_counter  # what eval_seconds counts
 
     def evaluate(self, num_tasks: int | None = None, split: Literal["val", "test"] = "val") -> dict[str, float]:
-        start = time.perf_counter()
+        start = self.clock()
+        self.program.sync(self.group)
         params = {k: v.detach() for k, v in self.parameters.items()}
         buffers = {k: v.detach() for k, v in self.model.named_buffers()}
         out: dict[str, float] = {}
@@ -217,10 +224,13 @@ class ProtocolTrainer(Trainer):
                 self.model, params, buffers, self.test_family, seed=self.spec.seed,
                 num_tasks=num_tasks or self.spec.eval.tasks, steps=steps, lr=self.spec.inner.lr,
                 optimizer=self.spec.inner.optimizer,
-                batch_size=self.protocol.batch_size or self.spec.inner.batch_size, split=split, device=self.device)
+                batch_size=self.protocol.batch_size or self.spec.inner.batch_size, split=split,
+                device=self.program.device,
+                # the learned learning rates, per-step BatchNorm and ANIL's head-only loop, as in training
+                meta=MetaOptions.of(self.spec) if self.spec.meta_options_used else None)
             # The first step count keeps the engine's keys; the others are namespaced by their count.
             out.update(metrics if i == 0 else {f"eval/steps{steps}/{k[5:]}": v for k, v in metrics.items()})
-        self.eval_seconds += time.perf_counter() - start
+        self.eval_seconds += self.clock() - start
         return out
 
 
@@ -229,22 +239,29 @@ class Budget:
     train_s: float  # calibration + meta-training + periodic evaluations
     test_s: float  # cap on the final meta-test
     test_tasks: int  # N requested for the final meta-test
+    # The budget's clock: wall-clock seconds, or CPU seconds of this process (all its threads), which
+    # a shared machine's other work does not eat into.
+    clock: Literal["wall", "cpu"] = "wall"
+    deadline: float | None = None  # time.time() at which training stops, whatever is left of the budget
+
+    def now(self) -> float:
+        return time.process_time() if self.clock == "cpu" else time.perf_counter()
 
 
 def _calibrate(trainer: ProtocolTrainer, budget: Budget) -> dict[str, float]:
     """Time an evaluation of the untrained model and a few meta-iterations (which count as training)."""
     probe_tasks = 3
-    start = time.perf_counter()
+    start = budget.now()
     trainer.evaluate(num_tasks=probe_tasks)
-    eval_task_s = (time.perf_counter() - start) / probe_tasks
+    eval_task_s = (budget.now() - start) / probe_tasks
     times: list[float] = []
     # Two iterations (the first pays for first-touch allocations), one if that one is already dear,
     # more while they cost under 2% of the budget.
     while not times or (len(times) < 2 and times[0] < 0.1 * budget.train_s) or (
             sum(times) < 0.02 * budget.train_s and len(times) < 20):
-        t = time.perf_counter()
+        t = budget.now()
         trainer.step()
-        times.append(time.perf_counter() - t)
+        times.append(budget.now() - t)
     # The first iteration pays for first-touch allocations; the rest are the steady state.
     return {"iteration_s": min(times[1:]) if len(times) > 1 else times[0], "eval_task_s": eval_task_s,
             "iterations": float(len(times))}
@@ -277,23 +294,27 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
     run_dir = Path(tempfile.mkdtemp(prefix=f"reproduce-{row.name}-"))
     curve: list[dict[str, Any]] = []
     try:
-        row_start = time.perf_counter()
+        row_start, wall_start, cpu_start = budget.now(), time.perf_counter(), time.process_time()
         data = {"data_root": data_root, "cache_dir": cache_dir}
         trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "calibration", **data)
-        setup_s = time.perf_counter() - row_start
+        trainer.clock = budget.now
+        setup_s = budget.now() - row_start
         calibration = _calibrate(trainer, budget)
-        plan = _plan(calibration, budget, time.perf_counter() - row_start, paper_iterations)
+        plan = _plan(calibration, budget, budget.now() - row_start, paper_iterations)
         logger.info("%s: %.3f s/iteration, %.3f s per eval task -> plan %s", row.name,
                     calibration["iteration_s"], calibration["eval_task_s"], plan)
         updates = {"eval": {"every": plan["eval_every"], "tasks": plan["eval_tasks"],
                             "steps": row.protocol.steps[0]},
                    "checkpoint": {"every": 10_000_000, "keep": 1}}
-        if spec.outer.anneal:
-            # The outer step size anneals to 0 over the iterations that fit the budget, so a fresh
-            # trainer (the calibration iterations are not kept) with that schedule.
-            spec = JobSpec.model_validate({**spec.model_dump(), **updates,
-                                           "outer": {**spec.outer.model_dump(), "iterations": plan["iterations"]}})
+        if spec.outer.anneal or row.budget_schedule:
+            # The outer step size anneals (to 0, or by its cosine) over the iterations that fit the
+            # budget, and MAML++'s other schedules over their share of them, so a fresh trainer (the
+            # calibration iterations are not kept) with those schedules.
+            scaled = {k: max(1, round(f * plan["iterations"])) for k, f in (row.budget_schedule or {}).items()}
+            spec = JobSpec.model_validate({**spec.model_dump(), **updates, "outer": {
+                **spec.outer.model_dump(), "iterations": plan["iterations"], **scaled}})
             trainer = ProtocolTrainer(spec, row.protocol, run_dir=run_dir / "run", **data)
+            trainer.clock = budget.now
         else:
             # The calibration iterations are the first iterations of the run; the spec's schedule stays
             # the paper's and the budget stops it.
@@ -301,12 +322,12 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
             trainer.spec.eval = spec.eval
             trainer.spec.checkpoint = spec.checkpoint
         primary = "eval/accuracy" if row.metric == "accuracy" else "eval/loss"
-        state = {"last_log": 0.0, "eval_at": time.perf_counter() - row_start, "eval_it": trainer.iteration,
+        state = {"last_log": 0.0, "eval_at": budget.now() - row_start, "eval_it": trainer.iteration,
                  "eval_s": 0.0}
         loads: list[float] = []  # 1-minute load average at each log line: the machine is shared
 
         def reporter(iteration: int, metrics: dict[str, float]) -> None:
-            now = time.perf_counter() - row_start
+            now = budget.now() - row_start
             if "eval/loss" in metrics:
                 # Keep evaluations under EVAL_FRACTION of the time when iterations run faster than
                 # calibrated (the machine is shared): space them by the rates just measured.
@@ -316,7 +337,9 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
                     need = math.ceil(its / span * took * (1 - EVAL_FRACTION) / EVAL_FRACTION)
                     trainer.spec.eval.every = max(plan["eval_every"], need)
                 state.update(eval_at=now, eval_it=iteration, eval_s=trainer.eval_seconds)
-                curve.append({"iteration": iteration, "wall_s": round(now, 2), "split": "val",
+                curve.append({"iteration": iteration, "wall_s": round(time.perf_counter() - wall_start, 2),
+                              "cpu_s": round(time.process_time() - cpu_start, 2), "budget_s": round(now, 2),
+                              "load1": round(os.getloadavg()[0], 2), "split": "val",
                               **{k: v for k, v in metrics.items() if k.startswith(("eval/", "meta/"))}})
                 logger.info("%s it %d %.0fs: %s %.4f ± %.4f (%d tasks), train meta/loss %.4f", row.name,
                             iteration, now, primary, metrics[primary], metrics[primary + "_ci95"],
@@ -331,10 +354,12 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
             loads.append(os.getloadavg()[0])
 
         trainer.reporter = reporter
-        trainer.should_stop = lambda: time.perf_counter() - row_start >= budget.train_s
+        trainer.should_stop = lambda: budget.now() - row_start >= budget.train_s or (
+            budget.deadline is not None and time.time() >= budget.deadline)
         trainer.eval_seconds = 0.0  # count the periodic evaluations only
         result = trainer.run()
-        train_s = time.perf_counter() - row_start
+        train_s = budget.now() - row_start
+        train_wall_s, train_cpu_s = time.perf_counter() - wall_start, time.process_time() - cpu_start
         eval_s = trainer.eval_seconds
         train_metrics = {k: v for k, v in result.metrics.items() if k.startswith(("meta/", "inner/", "perf/"))}
 
@@ -345,11 +370,12 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
         n = min(budget.test_tasks, max(EVAL_TASKS[0], int(budget.test_s / per_task)))
         logger.info("%s: trained %d iterations in %.0fs; meta-testing on %d tasks (~%.0fs)", row.name,
                     trainer.iteration, train_s, n, n * per_task)
-        start = time.perf_counter()
+        start, test_wall = budget.now(), time.perf_counter()
         final = trainer.evaluate(num_tasks=n, split="test")
-        test_s = time.perf_counter() - start
-        curve.append({"iteration": trainer.iteration, "wall_s": round(train_s, 2), "split": "test",
-                      **final, **train_metrics})
+        test_s = budget.now() - start
+        test_wall_s = time.perf_counter() - test_wall
+        curve.append({"iteration": trainer.iteration, "wall_s": round(train_wall_s, 2), "cpu_s": round(train_cpu_s, 2),
+                      "budget_s": round(train_s, 2), "split": "test", **final, **train_metrics})
         logger.info("%s: %s %.4f ± %.4f over %d test tasks", row.name, primary, final[primary],
                     final[primary + "_ci95"], n)
         return {
@@ -363,13 +389,16 @@ def run_row(row: Row, budget: Budget, *, seed: int, data_root: Path | None = Non
             "iterations": trainer.iteration,
             "stopped_by_budget": result.cancelled,
             "budget_s": budget.train_s,
-            "train_wall_s": round(train_s, 2),
+            "clock": budget.clock,
+            "train_wall_s": round(train_s, 2),  # in the budget's clock (wall or CPU seconds)
+            "train_wall_clock_s": round(train_wall_s, 2),
+            "train_cpu_s": round(train_cpu_s, 2),
             "setup_s": round(setup_s, 2),
             "eval_wall_s": round(eval_s, 2),
             "calibration": calibration,
             "plan": {**plan, "eval_every_last": trainer.spec.eval.every},
             "test": {"tasks": n, "tasks_requested": budget.test_tasks, "split": "test", "wall_s": round(test_s, 2),
-                     "metrics": final},
+                     "wall_clock_s": round(test_wall_s, 2), "metrics": final},
             "train_metrics": train_metrics,
             "load_average": {"mean": round(sum(loads) / len(loads), 2) if loads else None,
                              "max": round(max(loads), 2) if loads else None, "samples": len(loads)},

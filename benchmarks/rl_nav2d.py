@@ -28,9 +28,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,32 +50,18 @@ ALPHAS = (0.05, 0.1, 0.2, 0.5)
 
 
 def rl_spec(name: str = "maml", *, family: str = "nav2d", rollouts: int = 20, iterations: int = 1,
-            meta_batch_size: int | None = None, eval_tasks: int = 40, inner_steps: int = 1) -> JobSpec:
+            meta_batch_size: int | None = None, eval_tasks: int = 40, inner_steps: int = 1,
+            reward: str = "squared") -> JobSpec:
     """A meta-RL job with the paper's defaults. ``inner_steps=0`` is the 'pretrained' baseline
     (joint training without adaptation): the job API refuses 0 steps, so it is set past validation."""
     spec = JobSpec.model_validate({
-        "name": name, "task": {"family": family, "rollouts": rollouts},
+        "name": name, "task": {"family": family, "rollouts": rollouts,
+                               **({"reward": reward} if family == "nav2d" else {})},
         "outer": {"iterations": iterations, **({"meta_batch_size": meta_batch_size} if meta_batch_size else {})},
         "eval": {"every": 10**6, "tasks": eval_tasks, "steps": 3}, "checkpoint": {"every": 10**6}})
     if inner_steps != spec.inner.steps:
         spec = spec.model_copy(update={"inner": spec.inner.model_copy(update={"steps": inner_steps})})
     return spec
-
-
-def train(cfg: JobSpec, run_dir: Path) -> tuple[Trainer, list[dict], float]:
-    curve: list[dict] = []
-
-    def report(it: int, m: dict[str, float]) -> None:
-        curve.append({"iteration": it, **{k: round(v, 4) for k, v in m.items()
-                                          if k.startswith(("rl/", "perf/iteration_s", "perf/env_steps_per_s"))}})
-        if it % 5 == 0:
-            print(f"{cfg.name} {it}: before {m['rl/return_before']:.2f} after {m['rl/return_after']:.2f} "
-                  f"({m['perf/iteration_s']:.1f} s/it)", flush=True)
-
-    trainer = Trainer(cfg, run_dir=run_dir, reporter=report)
-    start = time.perf_counter()
-    trainer.run()
-    return trainer, curve, time.perf_counter() - start
 
 
 def evaluate(cfg: JobSpec, trainer_or_none: Trainer | None, alphas: tuple[float, ...], steps: int,
@@ -129,26 +118,213 @@ def cheetah(quick: bool) -> dict:
     return out
 
 
+def machine_info(load_start: tuple[float, ...]) -> dict:
+    return {"cores": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "torch_threads": 1,
+            "load_average_at_start": [round(x, 2) for x in load_start],
+            "load_average_now": [round(x, 2) for x in os.getloadavg()],
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def render(p: dict) -> list[str]:
+    """The markdown report of a finished run."""
+    def cell(c: dict) -> str:
+        return f"{c['return']:.2f} ± {c['sem']:.2f}"
+
+    def diff(v: dict) -> str:
+        return f"{v['mean']:+.2f} ± {v['sem']:.2f} ({v['better_goals']}/{v['goals']} goals)"
+
+    m, pre, info = p["maml"]["spent"], p["pretrained"]["spent"], p["machine"]
+    loads = [pt["load1"] for pt in p["maml"]["curve"]]
+    head = p["result"]["maml_minus_pretrained_step1_same_alpha"]
+    reward = "minus the distance to the goal (the authors' code)" if p["reward"] == "distance" else (
+        "minus the squared distance to the goal (the paper's text)")
+    lines = [
+        f"# MAML-RL, 2D navigation: MAML against a pretrained policy on {p['eval_goals']} held-out goals",
+        "",
+        f"Reward: {reward}; horizon 100; 20 goals per meta-batch, 20 rollouts per goal, one inner step "
+        "of alpha 0.1, 2x100 ReLU Gaussian policy, second-order MAML with a TRPO meta-update (KL 0.01), "
+        "1 torch thread.",
+        "",
+        f"- **MAML**: budget {p['cpu_budget_s'] / 60:.0f} CPU minutes of meta-training (this process's "
+        f"CPU time, evaluations not counted); used {m['train_cpu_s'] / 60:.1f} CPU min, "
+        f"{m['iterations']} iterations, {m['wall_s'] / 60:.1f} wall min, stopped by: {m['stopped_by']}; "
+        f"periodic paired evaluations {m['eval_cpu_s'] / 60:.1f} CPU min.",
+        f"- **Pretrained**: the same trainer without adaptation (TRPO on random goals, 40 rollouts per "
+        f"goal: MAML's environment steps per iteration), {pre['iterations']} iterations, "
+        f"{pre['train_cpu_s'] / 60:.1f} CPU min, {pre['wall_s'] / 60:.1f} wall min.",
+        f"- Machine: {info['cores']} cores shared with other engineers' work; 1-minute load average "
+        f"during MAML's training {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
+        f"(mean {sum(loads) / max(len(loads), 1):.1f}); torch {info['torch']}, Python {info['python']}. "
+        f"Whole run: {p['total']['cpu_s'] / 60:.1f} CPU min, {p['total']['wall_s'] / 60:.1f} wall min.",
+        "",
+        f"**Result: MAML minus pretrained after one step, both with alpha 0.1, paired over the same "
+        f"{head['goals']} goals and action noise: {head['mean']:+.2f} ± {head['sem']:.2f} (s.e.), MAML better on "
+        f"{head['better_goals']}/{head['goals']} goals; more than two standard errors: "
+        f"**{p['result']['more_than_two_se']}**.**",
+        "",
+        "Average return after k policy-gradient steps (± s.e. over goals). Best alpha: each baseline's best "
+        f"of {list(ALPHAS)} per column, chosen on these same goals (in its favour); MAML always alpha 0.1.",
+        "",
+        "| policy | 0 steps | 1 step | 2 steps | 3 steps |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("maml", "pretrained", "random"):
+        by_alpha = p["per_goal_returns"][name]
+        if name != "maml":
+            cells = [cell(c) + (f" [{c['alpha']}]" if k > 0 else "") for k, c in enumerate(p["returns"][name])]
+            lines.append(f"| {name}, best alpha | " + " | ".join(cells) + " |")
+        same = np.array(by_alpha["0.1"])
+        cells = [f"{same[:, k].mean():.2f} ± {same[:, k].std(ddof=1) / np.sqrt(len(same)):.2f}" for k in range(4)]
+        lines.append(f"| {name}, alpha 0.1 | " + " | ".join(cells) + " |")
+    lines += ["", "MAML minus baseline, paired over goals:", "",
+              "| baseline | alpha | 1 step | 2 steps | 3 steps |", "|---|---|---|---|---|"]
+    for base in ("pretrained", "random"):
+        for how in ("same_alpha", "best_alpha"):
+            d = p["paired_maml_minus_baseline"]
+            lines.append(f"| {base} | {how.replace('_', ' ')} | "
+                         + " | ".join(diff(d[f"{base}/{how}/step_{k}"]) for k in range(1, 4)) + " |")
+    lines += ["", "## Learning curve: MAML after one step minus pretrained after one step (alpha 0.1; and the "
+              "pretrained's best alpha), against MAML's meta-training CPU time", "",
+              "| iteration | train CPU min | wall min | load | MAML 1 step | vs pretrained, same alpha | "
+              "vs pretrained, best alpha |", "|---|---|---|---|---|---|---|"]
+    for pt in p["maml"]["curve"]:
+        if "eval/maml_step1" in pt:
+            lines.append(f"| {pt['iteration']} | {pt['train_cpu_s'] / 60:.1f} | {pt['wall_s'] / 60:.1f} | "
+                         f"{pt['load1']:.1f} | {pt['eval/maml_step1']:.2f} | "
+                         f"{diff(pt['eval/vs_pretrained_same_alpha'])} | {diff(pt['eval/vs_pretrained_best_alpha'])} |")
+    if "throughput_env_steps_per_s" in p:
+        lines += ["", "## Rollout throughput (env steps / s, one meta-batch)", "",
+                  *(f"- {k}: {v:,.0f}" for k, v in p["throughput_env_steps_per_s"].items())]
+    if "halfcheetah" in p:
+        lines += ["", "## Half-cheetah (MuJoCo through gymnasium)", "", "```",
+                  json.dumps(p["halfcheetah"], indent=2), "```"]
+    return lines
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process, all its threads (the budget's clock), plus finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """a - b per goal: mean, standard error, goals where a is better."""
+    d = a - b
+    return {"mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "better_goals": int((d > 0).sum()), "goals": len(d)}
+
+
+def train_budgeted(cfg: JobSpec, run_dir: Path, *, cpu_budget_s: float, deadline: float | None,
+                   eval_every: int = 0, on_eval: Callable[[Trainer, list[dict]], dict] | None = None,
+                   label: str = "") -> tuple[Trainer, list[dict], dict]:
+    """Meta-train ``cfg`` until ``cfg.outer.iterations``, the CPU budget (this process's CPU seconds)
+    or the wall-clock ``deadline`` (time.time()), whichever comes first; ``on_eval(trainer)`` every
+    ``eval_every`` iterations, given the curve so far, returns entries for this iteration's curve
+    point; its CPU time is not charged to the budget."""
+    trainer = Trainer(cfg, run_dir=run_dir)
+    curve: list[dict] = []
+    cpu0, wall0, eval_cpu = cpu_s(), time.perf_counter(), 0.0
+    stop = "iterations"
+    while trainer.iteration < cfg.outer.iterations:
+        used = cpu_s() - cpu0 - eval_cpu
+        if used >= cpu_budget_s:
+            stop = "cpu budget"
+            break
+        if deadline is not None and time.time() >= deadline:
+            stop = "wall-clock deadline"
+            break
+        m = trainer.step()
+        it = trainer.iteration
+        point = {"iteration": it, "train_cpu_s": round(cpu_s() - cpu0 - eval_cpu, 2),
+                 "wall_s": round(time.perf_counter() - wall0, 2), "load1": round(os.getloadavg()[0], 2),
+                 **{k: round(v, 4) for k, v in m.items() if k.startswith(("rl/return", "rl/kl", "perf/iteration_s"))}}
+        if eval_every and on_eval is not None and it % eval_every == 0:
+            c = cpu_s()
+            trainer.program.sync(trainer.group)
+            point.update(on_eval(trainer, curve))
+            eval_cpu += cpu_s() - c
+        curve.append(point)
+        if it % 5 == 0 or any(k.startswith("eval/") for k in point):
+            print(f"{label} {it}: {json.dumps(point)}", flush=True)
+    trainer.program.sync(trainer.group)
+    trainer.group.close()
+    spent = {"train_cpu_s": round(cpu_s() - cpu0 - eval_cpu, 1), "eval_cpu_s": round(eval_cpu, 1),
+             "wall_s": round(time.perf_counter() - wall0, 1), "iterations": trainer.iteration, "stopped_by": stop}
+    return trainer, curve, spent
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="2 iterations, 5 eval goals: a plumbing check")
-    parser.add_argument("--no-cheetah", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu-minutes", type=float, default=30.0,
+                        help="MAML's meta-training budget in CPU minutes of this process (evaluations excluded)")
+    parser.add_argument("--max-iterations", type=int, default=1000, help="MAML: stop here if the budget lasts")
+    parser.add_argument("--pretrained-iterations", type=int, default=100,
+                        help="the pretrained baseline's iterations (40 rollouts per goal: MAML's env steps)")
+    parser.add_argument("--reward", choices=("squared", "distance"), default="distance",
+                        help="distance: the authors' code; squared: the paper's text")
+    parser.add_argument("--eval-every", type=int, default=20, help="MAML iterations between paired evaluations")
+    parser.add_argument("--deadline", help="wall-clock UTC time HH:MM after which training stops (partial curve)")
+    parser.add_argument("--quick", action="store_true", help="3 iterations, 5 eval goals: a plumbing check")
+    parser.add_argument("--throughput", action="store_true", help="also measure rollout throughput (Ray)")
+    parser.add_argument("--cheetah", action="store_true", help="also half-cheetah throughput and one iteration")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    deadline = None
+    if args.deadline:
+        hh, mm = (int(x) for x in args.deadline.split(":"))
+        now = datetime.now(UTC)
+        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
     eval_tasks = 5 if args.quick else 40
-    iterations = 2 if args.quick else args.iterations
-    started = time.perf_counter()
-    maml_cfg = rl_spec("maml", iterations=iterations, eval_tasks=eval_tasks)
-    pre_cfg = rl_spec("pretrained", inner_steps=0, rollouts=40, iterations=iterations, eval_tasks=eval_tasks)
+    maml_its = 3 if args.quick else args.max_iterations
+    pre_its = 3 if args.quick else args.pretrained_iterations
+    budget_s = 60 * args.cpu_minutes
+    started, cpu_started = time.perf_counter(), cpu_s()
+    load_start = os.getloadavg()
+    maml_cfg = rl_spec("maml", iterations=maml_its, eval_tasks=eval_tasks, reward=args.reward)
+    pre_cfg = rl_spec("pretrained", inner_steps=0, rollouts=40, iterations=pre_its, eval_tasks=eval_tasks,
+                      reward=args.reward)
+    suffix = "-quick" if args.quick else ""
+    RESULTS.mkdir(exist_ok=True)
+    payload: dict = {"status": "running", "settings": vars(args), "eval_goals": eval_tasks,
+                     "configs": {"maml": maml_cfg.model_dump(mode="json"),
+                                 "pretrained": pre_cfg.model_dump(mode="json")}}
+
+    def save() -> None:
+        payload["machine"] = machine_info(load_start)
+        (RESULTS / f"rl_nav2d{suffix}.json").write_text(json.dumps(payload, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
-        maml, maml_curve, maml_s = train(maml_cfg, Path(tmp) / "maml")
-        pre, pre_curve, pre_s = train(pre_cfg, Path(tmp) / "pre")
-        evals = {
-            "maml": evaluate(maml_cfg, maml, (maml_cfg.inner.lr,), 3, eval_tasks),
-            "pretrained": evaluate(maml_cfg, pre, ALPHAS, 3, eval_tasks),
-            "random": evaluate(maml_cfg, None, ALPHAS, 3, eval_tasks),
-        }
+        # 1. The pretrained baseline (joint training on random goals, no adaptation), then its returns
+        #    on the held-out goals after 0..3 steps, at every alpha: the fixed reference of the curve.
+        pre, pre_curve, pre_spent = train_budgeted(pre_cfg, Path(tmp) / "pre", cpu_budget_s=float("inf"),
+                                                   deadline=deadline, label="pretrained")
+        c = cpu_s()
+        evals = {"pretrained": evaluate(maml_cfg, pre, ALPHAS, 3, eval_tasks),
+                 "random": evaluate(maml_cfg, None, ALPHAS, 3, eval_tasks)}
+        payload["baseline_eval_cpu_s"] = round(cpu_s() - c, 1)
+        payload["pretrained"] = {"spent": pre_spent, "curve": pre_curve}
+        save()
+        same = evals["pretrained"][str(maml_cfg.inner.lr)]
+        best1 = max(ALPHAS, key=lambda a: evals["pretrained"][str(a)][:, 1].mean())
+        best = evals["pretrained"][str(best1)]
+
+        def on_eval(trainer: Trainer, curve: list[dict]) -> dict:
+            # MAML after 0 and 1 steps on the same 40 goals with the same action noise, paired.
+            r = evaluate(maml_cfg, trainer, (maml_cfg.inner.lr,), 1, eval_tasks)[str(maml_cfg.inner.lr)]
+            out = {"eval/maml_step1": round(float(r[:, 1].mean()), 3),
+                   "eval/vs_pretrained_same_alpha": paired(r[:, 1], same[:, 1]),
+                   "eval/vs_pretrained_best_alpha": paired(r[:, 1], best[:, 1])}
+            payload["maml"] = {"curve": [*curve, {"iteration": trainer.iteration, **out}], "status": "running"}
+            save()  # a partial curve survives a stop
+            return out
+
+        # 2. MAML within its CPU budget, with a paired evaluation every eval_every iterations.
+        maml, maml_curve, maml_spent = train_budgeted(
+            maml_cfg, Path(tmp) / "maml", cpu_budget_s=budget_s, deadline=deadline, eval_every=args.eval_every,
+            on_eval=on_eval, label="maml")
+        evals["maml"] = evaluate(maml_cfg, maml, (maml_cfg.inner.lr,), 3, eval_tasks)
     table: dict[str, list[dict]] = {}
     for name, by_alpha in evals.items():
         row = []
@@ -159,81 +335,32 @@ def main() -> None:
             row.append({"return": float(per_goal.mean()), "sem": float(per_goal.std(ddof=1) / np.sqrt(len(per_goal))),
                         "alpha": float(alpha)})
         table[name] = row
-    # Paired over goals (every policy sees the same goals and action noise): MAML minus baseline.
-    paired = {}
+    lr = str(maml_cfg.inner.lr)
+    diffs = {}
     for base in ("pretrained", "random"):
         for k in range(1, 4):
-            diff = evals["maml"][str(maml_cfg.inner.lr)][:, k] - evals[base][str(table[base][k]["alpha"])][:, k]
-            paired[f"{base}/step_{k}"] = {"mean": float(diff.mean()),
-                                          "sem": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-                                          "maml_better_goals": int((diff > 0).sum()), "goals": len(diff)}
-    train_s = time.perf_counter() - started
-    ensure_ray(num_cpus=2)
-    tput = throughput(maml_cfg.model_copy(update={"iterations": 1}), 2 if args.quick else 3)
-    cheetah_out = {"status": "skipped (--no-cheetah)"} if args.no_cheetah else cheetah(args.quick)
-    ray.shutdown()
-    info = {"cores": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-            "machine": platform.machine(), "torch_threads": 1, "load_average_at_end": os.getloadavg()}
-    wall = time.perf_counter() - started
-    maml_wins = all(table["maml"][1]["return"] > table[b][1]["return"] for b in ("pretrained", "random"))
-    payload = {
-        "machine": info, "iterations": iterations, "eval_goals": eval_tasks,
-        "wall_s": {"maml_train": maml_s, "pretrained_train": pre_s, "total": wall},
-        "returns": table, "maml_beats_both_after_one_step": maml_wins,
-        "paired_maml_minus_baseline": paired,
+            diffs[f"{base}/same_alpha/step_{k}"] = paired(evals["maml"][lr][:, k], evals[base][lr][:, k])
+            diffs[f"{base}/best_alpha/step_{k}"] = paired(
+                evals["maml"][lr][:, k], evals[base][str(table[base][k]["alpha"])][:, k])
+    headline = diffs["pretrained/same_alpha/step_1"]
+    payload.update({
+        "status": "done", "reward": args.reward, "cpu_budget_s": budget_s,
+        "maml": {"spent": maml_spent, "curve": maml_curve},
+        "returns": table, "paired_maml_minus_baseline": diffs,
+        "result": {"maml_minus_pretrained_step1_same_alpha": headline,
+                   "more_than_two_se": headline["mean"] > 2 * headline["sem"]},
         "per_goal_returns": {n: {a: v.round(4).tolist() for a, v in e.items()} for n, e in evals.items()},
-        "curves": {"maml": maml_curve, "pretrained": pre_curve},
-        "throughput_env_steps_per_s": tput, "halfcheetah": cheetah_out,
-        "configs": {"maml": maml_cfg.model_dump(mode="json"), "pretrained": pre_cfg.model_dump(mode="json")},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (RESULTS / f"rl_nav2d{suffix}.json").write_text(json.dumps(payload, indent=2))
-
-    def cell(c: dict) -> str:
-        return f"{c['return']:.2f} ± {c['sem']:.2f}"
-
-    lines = [
-        f"# MAML-RL, 2D navigation: average return on {eval_tasks} held-out goals after k policy-gradient steps",
-        "",
-        f"Reward: minus the squared distance to the goal, horizon 100. {iterations} meta-iterations each "
-        f"(MAML {maml_s / 60:.1f} min, pretrained {pre_s / 60:.1f} min), 1 torch thread; "
-        f"total wall time {wall / 60:.1f} min (training and evaluation {train_s / 60:.1f} min). "
-        "± is the standard error over goals. Baselines adapt with their best alpha per column "
-        f"(in brackets, from {list(ALPHAS)}); MAML with its training alpha 0.1.",
-        "",
-        f"Machine: {info}",
-        "",
-        "| policy | 0 steps | 1 step | 2 steps | 3 steps |",
-        "|---|---|---|---|---|",
-    ]
-    for name in ("maml", "pretrained", "random"):
-        cells = [cell(c) + (f" [{c['alpha']}]" if name != "maml" and k > 0 else "") for k, c in enumerate(table[name])]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name in ("pretrained", "random"):  # at MAML's alpha, as the paper compares them
-        same = evals[name][str(maml_cfg.inner.lr)]
-        cells = [f"{same[:, k].mean():.2f} ± {same[:, k].std(ddof=1) / np.sqrt(len(same)):.2f}" for k in range(4)]
-        lines.append(f"| {name}, alpha {maml_cfg.inner.lr} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"MAML beats both baselines after one step: **{maml_wins}**.",
-        "",
-        "Paired over the same goals and action noise, MAML minus baseline (baseline at its best alpha):",
-        "",
-        "| baseline | steps | difference ± s.e. | goals where MAML is better |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {key.split('/')[0]} | {key.split('_')[-1]} | {v['mean']:+.2f} ± {v['sem']:.2f} | "
-              f"{v['maml_better_goals']}/{v['goals']} |" for key, v in paired.items()]
-    lines += [
-        "",
-        "## Rollout throughput (nav2d meta-batch: 20 goals x 20 rollouts x 100 steps, before and after adapting)",
-        "",
-        "| sampler | env steps / s |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in tput.items()]
-    lines += ["", "## Half-cheetah (MuJoCo through gymnasium)", "", "```", json.dumps(cheetah_out, indent=2), "```"]
+        "total": {"cpu_s": round(cpu_s() - cpu_started, 1), "wall_s": round(time.perf_counter() - started, 1)},
+    })
+    if args.throughput or args.cheetah:
+        ensure_ray(num_cpus=2)
+        if args.throughput:
+            payload["throughput_env_steps_per_s"] = throughput(maml_cfg, 2 if args.quick else 3)
+        if args.cheetah:
+            payload["halfcheetah"] = cheetah(args.quick)
+        ray.shutdown()
+    save()
+    lines = render(payload)
     (RESULTS / f"rl_nav2d{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
