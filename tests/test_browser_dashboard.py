@@ -235,7 +235,7 @@ def test_sign_in_submit_from_the_form_and_watch_the_curve_grow(page, server: str
     shot(page, "job-running")
     page.wait_for_selector(".badge[data-status=succeeded]", timeout=240_000)
     until(page, "window.mamlDashboard.charts.loss.series.get('meta/loss').xs.at(-1) === 5000")
-    assert page.inner_text("#stream-state") == "ended: succeeded"
+    until(page, "document.getElementById('stream-state').textContent === 'ended: succeeded'")  # the end event
     summary = page.inner_text("#chart-loss .chart-summary")
     assert "after adaptation" in summary and "at iteration 5000" in summary
     assert page.is_visible("#chart-eval-loss") and page.is_visible("#chart-speed")
@@ -262,7 +262,7 @@ def test_cancel_a_job(page, server: str, acme: str) -> None:
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#cancel")
     page.wait_for_selector(".badge[data-status=cancelled]", timeout=60_000)
-    assert page.inner_text("#stream-state") == "ended: cancelled"
+    until(page, "document.getElementById('stream-state').textContent === 'ended: cancelled'")
     shot(page, "job-cancelled")
     with _api(server, acme) as api:
         after = api.get(f"/jobs/{job['id']}").json()
