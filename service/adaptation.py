@@ -57,6 +57,9 @@ from workers.supervised import torch_dtype
 
 logger = logging.getLogger(__name__)
 _IMAGE_FORMATS = ("PNG", "JPEG")
+# The most numbers an every-step answer (steps + 1 predictions of each query item) or the
+# trajectories of an RL answer may hold: about 2 MB of JSON.
+MAX_STEP_NUMBERS = 100_000
 DISCONNECT_POLL_S = 0.25  # how often a running query looks whether its client is still there
 PURGE_EVERY_S = 60.0  # at most this often, storing adapted weights deletes the expired ones
 
@@ -474,6 +477,21 @@ class Adapter:
         if steps * len(support.x) > settings.adapt_max_work:
             raise InvalidInput("steps", f"{steps} steps x {len(support.x)} support items is over the limit of "
                                f"{settings.adapt_max_work} (MAML_ADAPT_MAX_WORK)")
+        if request.trajectories:
+            raise InvalidInput("trajectories", "only nav2d policies answer trajectories")
+        if request.every_step:
+            per_item = 1 if model.classification else model.output_dim
+            numbers = (steps + 1) * len(query.x) * per_item
+            if numbers > MAX_STEP_NUMBERS:
+                raise InvalidInput("every_step", f"{steps + 1} step counts x {len(query.x)} query items x {per_item} "
+                                   f"outputs is {numbers} numbers, over the limit of {MAX_STEP_NUMBERS}; ask fewer "
+                                   "steps or query items")
+            # Each step also predicts the query items: they count against the work limit as support items do.
+            work = steps * len(support.x) + (steps + 1) * len(query.x)
+            if work > settings.adapt_max_work:
+                raise InvalidInput("every_step", f"{steps} steps x {len(support.x)} support items + {steps + 1} x "
+                                   f"{len(query.x)} query items is over the limit of {settings.adapt_max_work} "
+                                   "(MAML_ADAPT_MAX_WORK)")
         max_pixels, budget = settings.adapt_max_image_pixels, PixelBudget(settings.adapt_max_request_pixels)
         xs = inputs_tensor(support.x, "support.x", model, max_pixels, budget)  # (K, *input_shape)
         ys = targets_tensor(support.y, "support.y", model)  # (K, output_dim) or (K,)
@@ -481,11 +499,20 @@ class Adapter:
 
         module = model.module_for_thread()
         deadline = time.monotonic() + settings.adapt_timeout_s
+        step_outputs: list[torch.Tensor] = []  # with every_step: (Q, output_dim) after 0, 1, ..., steps steps
+        step_losses: list[float] = []
+
+        def on_step(k: int, params: Params, loss: float) -> None:
+            step_losses.append(loss)
+            if len(xq):
+                step_outputs.append(predict(module, params, model.buffers, xq))
+
         try:
             adapted, before, after = adapt(module, model.params, model.buffers, xs, ys, steps=steps, lr=lr,
                                            loss=model.loss, optimizer=spec.inner.optimizer,  # type: ignore[arg-type]
                                            batch_size=spec.inner.batch_size, meta=meta, should_stop=lambda: (
-                                               time.monotonic() > deadline or (stop is not None and stop.is_set())))
+                                               time.monotonic() > deadline or (stop is not None and stop.is_set())),
+                                           on_step=on_step if request.every_step else None)
         except NonFiniteLossError as exc:
             raise InvalidInput("lr", f"adaptation diverged ({exc}); use a smaller lr or fewer steps") from None
         except Stopped as exc:
@@ -504,11 +531,23 @@ class Adapter:
             probabilities = [] if out is None else torch.softmax(out.double(), dim=-1).tolist()
         else:
             predictions = [] if out is None else out.double().tolist()
+        step_predictions: list[Any] | None = None
+        if request.every_step:
+            if not (np.isfinite(step_losses).all() and all(torch.isfinite(o).all() for o in step_outputs)):
+                raise InvalidInput("lr", "adaptation diverged (non-finite loss or predictions); use a smaller lr")
+            if not len(xq):
+                step_predictions = [[] for _ in step_losses]
+            elif model.classification:
+                step_predictions = [o.argmax(dim=-1).tolist() for o in step_outputs]
+            else:
+                step_predictions = [o.double().tolist() for o in step_outputs]
 
         adapted_id = self._store(model, principal, adapted, steps, lr) if request.return_weights else None
         return AdaptResponse(model_id=model.id, kind="classification" if model.classification else "regression",
                              predictions=predictions, probabilities=probabilities, support_loss_before=before,
-                             support_loss_after=after, steps=steps, lr=lr, adapted_id=adapted_id)
+                             support_loss_after=after, steps=steps, lr=lr, adapted_id=adapted_id,
+                             step_predictions=step_predictions,
+                             step_support_losses=step_losses if request.every_step else None)
 
     def _adapt_policy(self, model: LoadedPolicy, request: AdaptRequest) -> AdaptResponse:
         """RL: collect K rollouts of the requested task on the server, adapt, report the returns."""
@@ -522,9 +561,12 @@ class Adapter:
             raise InvalidInput("task", f"{family} policies take {{'{key}': ...}}")
         if request.return_weights:
             raise InvalidInput("return_weights", "not available for RL policies")
+        if request.every_step:
+            raise InvalidInput("every_step", "RL policies answer the return after every step already (returns); "
+                               "for the paths ask trajectories")
         try:
             result = adapt_exported(model.path, request.task[key], rollouts=request.rollouts, steps=request.steps,
-                                    lr=request.lr, horizon=request.horizon)
+                                    lr=request.lr, horizon=request.horizon, trajectories=request.trajectories)
         except SpecError as exc:  # a task outside its space, a count over the limits
             raise InvalidInput(exc.field, exc.detail) from None
         if not all(np.isfinite(r) for r in result.returns):
@@ -532,7 +574,8 @@ class Adapter:
         rl = model.spec.inner
         return AdaptResponse(model_id=model.id, kind="rl_policy", return_before=result.return_before,
                              return_after=result.return_after, returns=result.returns,
-                             steps=len(result.returns) - 1, lr=request.lr or rl.lr)
+                             steps=len(result.returns) - 1, lr=request.lr or rl.lr, trajectories=result.trajectories,
+                             goal=[float(v) for v in request.task[key]] if result.trajectories else None)
 
     def _store(self, model: LoadedModel, principal: Principal, adapted: Params, steps: int, lr: float) -> str:
         adapted_id = new_id()

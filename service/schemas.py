@@ -205,6 +205,11 @@ class AdaptRequest(_In):
                               "eval.steps; RL: its inner.steps)")
     lr: float | None = Field(None, gt=0, le=100, description="adaptation learning rate (default: inner.lr)")
     return_weights: bool = Field(False, description="store the adapted weights and return their id")
+    every_step: bool = Field(False, description="supervised models: also answer the query predictions and the "
+                             "support loss after 0, 1, ..., steps steps (step_predictions, step_support_losses), "
+                             "from the same adaptation; (steps + 1) x query items x outputs is capped")
+    trajectories: int = Field(0, ge=0, le=10, description="nav2d policies: also answer this many of the sampled "
+                              "rollouts' positions after 0, 1, ..., steps updates (and the goal)")
 
 
 class AdaptResponse(BaseModel):
@@ -219,6 +224,14 @@ class AdaptResponse(BaseModel):
     return_before: float | None = Field(None, description="RL: average return of K rollouts before adapting")
     return_after: float | None = Field(None, description="RL: average return after the adaptation steps")
     returns: list[float] | None = Field(None, description="RL: average return after 0, 1, ..., steps updates")
+    step_predictions: list[list[list[float]]] | list[list[int]] | None = Field(
+        None, description="with every_step: the predictions (as in predictions) after 0, 1, ..., steps steps")
+    step_support_losses: list[float] | None = Field(
+        None, description="with every_step: the support loss after 0, 1, ..., steps steps")
+    trajectories: list[list[list[list[float]]]] | None = Field(
+        None, description="nav2d with trajectories=k: per step count 0..steps, k sampled rollouts, each the "
+        "positions [x, y] from the start to where the episode ended")
+    goal: list[float] | None = Field(None, description="nav2d with trajectories: the goal [x, y]")
     steps: int
     lr: float
     adapted_id: str | None = Field(None, description="with return_weights: GET /adapted/{id}/weights")

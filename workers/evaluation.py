@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,7 +18,17 @@ from torch import nn
 from workers.errors import Stopped
 from workers.fast import fused
 from workers.fast.batched import fused_net
-from workers.inner import Forward, InnerOptimizer, OptimizerName, Params, adapt_steps, evaluate, loss_function
+from workers.inner import (
+    Forward,
+    InnerOptimizer,
+    InnerState,
+    LossFn,
+    OptimizerName,
+    Params,
+    adapt_steps,
+    evaluate,
+    loss_function,
+)
 from workers.mamlpp import MetaOptions, is_learned
 from workers.mamlpp import adapt as adapt_learned
 from workers.tasks.base import LossName, Task, TaskFamily
@@ -38,6 +49,7 @@ def adapt(
     fast: bool = True,
     should_stop: Callable[[], bool] | None = None,
     meta: MetaOptions | None = None,
+    on_step: OnStep | None = None,
 ) -> tuple[Params, float, float]:
     """Adapt ``params`` to (x, y). Returns the adapted parameters and the loss before and after.
 
@@ -52,30 +64,69 @@ def adapt(
     (the same gradients, checked in float64 against autograd); ``fast=False`` forces autograd,
     which takes any module. Both losses are on the whole of (x, y). ``should_stop()`` is asked
     between two steps: :class:`workers.errors.Stopped` when it says so (a time limit).
+
+    ``on_step(k, params_k, loss_k)``, if given, is called for k = 0, 1, ..., ``steps`` with the
+    parameters for the forward pass after k steps (detached) and the loss on all of (x, y) there:
+    the same loop, observed, so ``params_k`` is what ``adapt(..., steps=k)`` returns.
     """
     if meta is not None and meta.learned_inner:
         if optimizer != "sgd" or batch_size is not None:
             raise ValueError("optimizer: learned inner loops take full-batch SGD steps")
         return adapt_learned(model, params, buffers, x, y, steps=steps, options=meta, loss=loss,
-                             should_stop=should_stop)
+                             should_stop=should_stop, on_step=on_step)
     params = {k: v for k, v in params.items() if not is_learned(k)}
     opt = InnerOptimizer(optimizer, lr)
     if fast and steps > 0 and optimizer == "sgd" and batch_size is None:
         net = fused_net(model, x.device)
         if net is not None:
-            return _adapt_fused(net, params, x, y, steps=steps, optimizer=opt, loss=loss, should_stop=should_stop)
+            return _adapt_fused(net, params, x, y, steps=steps, optimizer=opt, loss=loss, should_stop=should_stop,
+                                on_step=on_step)
     loss_fn = loss_function(loss)
     forward = Forward(model, buffers)
     if steps == 0:
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
+        if on_step is not None:
+            on_step(0, dict(params), before)
         return dict(params), before, before
+    if on_step is not None:
+        opt = _Observed(optimizer, lr, _observer(on_step, forward, x, y, loss_fn, full_batch=batch_size is None))
     adapted, before = adapt_steps(forward, params, x, y, loss_fn, steps=steps, optimizer=opt, batch_size=batch_size,
                                   should_stop=should_stop)
     adapted = {k: v.detach() for k, v in adapted.items()}
     if batch_size is not None:  # the first step's loss was on a mini-batch: the loss before is on all of x
         before, _ = evaluate(forward, params, x, y, loss_fn, classification=False)
     after, _ = evaluate(forward, adapted, x, y, loss_fn, classification=False)
+    if on_step is not None:
+        on_step(steps, adapted, after)
     return adapted, before, after
+
+
+# on_step(k, params after k steps, loss on the whole support set there)
+OnStep = Callable[[int, Params, float], None]
+
+
+@dataclass(frozen=True)
+class _Observed(InnerOptimizer):
+    """``InnerOptimizer`` that shows ``observe`` the parameters (and their loss) before each step:
+    ``adapt_steps`` itself runs, so every-step answers come from the one loop."""
+
+    observe: Callable[[InnerState, Params, torch.Tensor], None] | None = None
+
+    def step(self, state: InnerState, params: Params, grads: Sequence[torch.Tensor],
+             loss: torch.Tensor) -> tuple[Params, InnerState]:
+        if self.observe is not None:
+            self.observe(state, params, loss)
+        return super().step(state, params, grads, loss)
+
+
+def _observer(on_step: OnStep, forward: Forward, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
+              full_batch: bool) -> Callable[[InnerState, Params, torch.Tensor], None]:
+    def observe(state: InnerState, params: Params, loss: torch.Tensor) -> None:
+        current = {k: v.detach() for k, v in params.items()}
+        # A full-batch step's loss is the support loss; a mini-batch's is not: evaluate on all of x.
+        value = loss.item() if full_batch else evaluate(forward, current, x, y, loss_fn, classification=False)[0]
+        on_step(state.step, current, value)
+    return observe
 
 
 def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +139,8 @@ def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) 
 
 
 def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                 optimizer: InnerOptimizer, loss: LossName,
-                 should_stop: Callable[[], bool] | None = None) -> tuple[Params, float, float]:
+                 optimizer: InnerOptimizer, loss: LossName, should_stop: Callable[[], bool] | None = None,
+                 on_step: OnStep | None = None) -> tuple[Params, float, float]:
     """``adapt``'s steps with the hand-written forward and backward for the gradients (no autograd graph)."""
     p = {k: v.detach() for k, v in params.items()}
     prepared = fused.prepare(net, p, x)  # the input as the first block takes it, once for every step
@@ -99,9 +150,13 @@ def _adapt_fused(net: fused.FusedNet, params: Params, x: torch.Tensor, y: torch.
             raise Stopped(step)
         value, _, grads = fused.run(net, p, prepared, y, loss, grad=True)
         assert grads is not None
+        if on_step is not None:
+            on_step(step, p, value.item())
         p, state = optimizer.step(state, p, [grads[k] for k in p], value)
     assert state.loss_before is not None
     after = fused.run(net, p, prepared, y, loss, grad=False)[0].item()
+    if on_step is not None:
+        on_step(steps, p, after)
     return p, state.loss_before.item(), after
 
 

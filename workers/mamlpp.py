@@ -469,17 +469,22 @@ def _checkpointed(unroll: Unroll, task: Task, first_order: bool):
 
 
 def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-          options: MetaOptions, loss: LossName,
-          should_stop: Callable[[], bool] | None = None) -> tuple[Params, float, float]:
+          options: MetaOptions, loss: LossName, should_stop: Callable[[], bool] | None = None,
+          on_step: Callable[[int, Params, float], None] | None = None) -> tuple[Params, float, float]:
     """``steps`` steps of the learned inner loop on (x, y): the adapted model parameters (for the
     forward pass after ``steps`` steps: the BatchNorm weights of that step included, the learned
-    pieces left out), and the loss before and after."""
+    pieces left out), and the loss before and after. ``on_step(k, params_k, loss_k)``, if given, sees
+    the same for k = 0, 1, ..., ``steps`` (one more forward per step, for the loss)."""
     options = replace(options, checkpoint=False, msl_weights=None)
     unroll = Unroll(model, params, buffers, options, loss, track=False)
     fast = unroll.initial()
     with torch.no_grad():
         before = unroll.loss(fast, 0, x, y)[0].item()
     for s in range(steps):
+        if on_step is not None:
+            with torch.no_grad():
+                value = before if s == 0 else unroll.loss(fast, s, x, y)[0].item()
+                on_step(s, {n: p.detach() for n, p in unroll.full(fast, s).items()}, value)
         if s and should_stop is not None and should_stop():
             raise Stopped(s)
         leaf = {n: p.detach().requires_grad_() for n, p in fast.items()}
@@ -488,4 +493,6 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
     with torch.no_grad():
         after = unroll.loss(fast, steps, x, y)[0].item() if steps else before
         adapted = {n: p.detach() for n, p in unroll.full(fast, steps).items()}
+    if on_step is not None:
+        on_step(steps, adapted, after)
     return adapted, before, after
