@@ -1,8 +1,9 @@
 """The dashboard in a real browser: Playwright drives Debian's Chromium (/usr/bin/chromium) against a real
 ``maml serve`` (uvicorn, embedded Ray, SQLite) in a subprocess. The flows of issue 14: sign in, a rejected key,
 an unreachable service, submit a sinusoid job from the form and watch its curve grow, the 422's field messages,
-cancel a job, adapt in the sinusoid playground, draw on Omniglot canvases (a model trained here on the real
-Omniglot) and get a prediction, a second tenant who sees none of the first one's things, a phone-width page.
+cancel a job, adapt in the sinusoid playground (one every-step query), draw on Omniglot canvases (a model trained
+here on the real Omniglot) and get a prediction, click a goal in the nav2d playground and see the paths, a second
+tenant who sees none of the first one's things, a phone-width page.
 
 Screenshots of every page go to tests/artifacts/ (git-ignored). Without /usr/bin/chromium every test here is
 skipped with a loud reason; CI (.ci/run) installs Debian's chromium first, so there they always run.
@@ -40,6 +41,10 @@ SINE_FORM = ('{"name": "ui-sine", "task": {"family": "sinusoid", "shots": 10, "q
 OMNIGLOT_TINY = {"name": "omni-tiny", "task": {"family": "omniglot", "ways": 5, "shots": 1, "queries": 1},
                  "model": {"name": "conv4", "filters": 8}, "inner": {"steps": 1, "lr": 0.4},
                  "outer": {"iterations": 20, "meta_batch_size": 4}, "eval": {"every": 20, "tasks": 4, "steps": 3}}
+
+NAV2D_TINY = {"name": "nav-tiny", "task": {"family": "nav2d", "rollouts": 4, "horizon": 20}, "model": {"name": "mlp"},
+              "inner": {"steps": 1}, "outer": {"iterations": 2, "meta_batch_size": 2},
+              "eval": {"every": 2, "tasks": 2, "steps": 1}}
 
 
 def _free_port() -> int:
@@ -115,7 +120,7 @@ def acme(server: str) -> str:
 
 @pytest.fixture(scope="module")
 def models(server: str, acme: str) -> dict[str, str]:
-    """A sinusoid model and an Omniglot Conv4 trained by the server (the latter on the real Omniglot)."""
+    """A sinusoid model, an Omniglot Conv4 (on the real Omniglot) and a nav2d policy trained by the server."""
     out = {}
     with _api(server, acme) as api:
         sine = api.post("/jobs", json={"name": "sine-model", "outer": {"iterations": 200, "meta_batch_size": 4},
@@ -123,7 +128,9 @@ def models(server: str, acme: str) -> dict[str, str]:
         assert sine.status_code == 201, sine.text
         omni = api.post("/jobs", json=OMNIGLOT_TINY)
         assert omni.status_code == 201, omni.text
-        for name, r in (("sine", sine), ("omniglot", omni)):
+        nav = api.post("/jobs", json=NAV2D_TINY)
+        assert nav.status_code == 201, nav.text
+        for name, r in (("sine", sine), ("omniglot", omni), ("nav2d", nav)):
             job = _wait(api, r.json()["id"])
             assert job["status"] == "succeeded", job["error"]
             out[name] = job["model_id"]
@@ -288,16 +295,47 @@ def test_adapt_in_the_sinusoid_playground(page, server: str, acme: str, models: 
     assert page.inner_text("#point-count") == "7 points"
     assert page.locator("#sine-plane circle.support").count() == 7
     page.fill("#sine-steps", "5")
+    adapt_posts: list[dict] = []
+    page.on("request", lambda r: adapt_posts.append(r.post_data_json)
+            if r.method == "POST" and r.url.endswith(f"/models/{models['sine']}/adapt") else None)
     page.click("#adapt")
     loss = page.wait_for_selector("#sine-loss")
-    # The curve before adapting, one per intermediate step, and the last.
+    # One query (every_step) draws the curve before adapting, one per intermediate step, and the last.
+    assert len(adapt_posts) == 1 and adapt_posts[0]["every_step"] is True and adapt_posts[0]["steps"] == 5
     assert page.locator("#sine-plane polyline.before").count() == 1
     assert page.locator("#sine-plane polyline.step").count() == 4
+    assert [page.locator("#sine-plane polyline.step").nth(i).get_attribute("data-step") for i in range(4)] == [
+        "1", "2", "3", "4"]
     assert page.locator("#sine-plane polyline.after").count() == 1
+    assert page.inner_text("#sine-step-losses").count(":") == 7  # "...each step:" and steps 0..5
     before, after = [float(v) for v in re.findall(r"loss ([\d.]+) before adapting → ([\d.]+)",
                                                                  loss.inner_text())[0]]
     assert after < before
     shot(page, "playground-sinusoid")
+
+
+def test_nav2d_playground_draws_the_paths(page, server: str, acme: str, models: dict[str, str]) -> None:
+    sign_in(page, server, acme)
+    page.goto(f"{server}/#/models/{models['nav2d']}")
+    page.wait_for_selector("#nav-plane")
+    box = page.locator("#nav-plane").bounding_box()
+    page.mouse.click(box["x"] + 0.8 * box["width"], box["y"] + 0.3 * box["height"])  # the goal (0.3, 0.2)
+    assert float(page.input_value("#goal-x")) == pytest.approx(0.3, abs=0.01)
+    assert float(page.input_value("#goal-y")) == pytest.approx(0.2, abs=0.01)
+    page.fill("#nav-steps", "2")
+    page.fill("#nav-paths-count", "3")
+    page.click("#adapt")
+    page.wait_for_selector("#nav-returns")
+    # 3 paths for each of the step counts 0, 1, 2, a legend entry per step count, the goal drawn.
+    assert page.locator("#nav-plane polyline.trajectory").count() == 9
+    assert [page.locator(f"#nav-plane polyline.trajectory[data-step='{k}']").count() for k in range(3)] == [3, 3, 3]
+    assert page.locator("#nav-legend li").count() == 3
+    colours = {page.locator(f"#nav-plane polyline.trajectory[data-step='{k}']").first.get_attribute("stroke")
+               for k in range(3)}
+    assert len(colours) == 3
+    assert page.locator("#goal").get_attribute("visibility") == "visible"
+    assert "none are drawn" not in page.inner_text("#nav-result")
+    shot(page, "playground-nav2d")
 
 
 def _stroke(page, selector: str, points: list[tuple[float, float]]) -> None:

@@ -1,10 +1,11 @@
 // The adaptation playground: K examples of a new task, POST /models/{id}/adapt, the adapted predictions.
 //
 // * sinusoid-like regression (1 input, 1 output): click to place points; the curve before adapting and
-//   after each step (one query per step count, 0..steps: the route answers the end of the adaptation);
+//   after each step (one query with every_step: the predictions after 0, 1, ..., steps steps);
 // * image classifiers: N classes x K canvases to draw (or upload) the support set, a query canvas, the
 //   predicted class with its probabilities and the support loss before and after adapting;
-// * 2D navigation policies: click a goal; the average return after 0, 1, ..., steps updates;
+// * 2D navigation policies: click a goal; a few sampled rollouts' paths before and after each update
+//   (trajectories), and the average return after 0, 1, ..., steps updates;
 // * anything else: the request as JSON.
 
 import { api, ApiError } from "./api.js";
@@ -109,26 +110,26 @@ function sinusoid(view, model, signal) {
   adapt.addEventListener("click", async () => {
     const n = Math.max(0, Math.min(50, Math.round(Number(steps.value) || 0)));
     const grid = Array.from({ length: 101 }, (_, i) => -5 + i * 0.1);
-    const body = (k) => ({ support: { x: points.map(([x]) => [x]), y: points.map(([, y]) => [y]) },
-      query: { x: grid.map((x) => [x]) }, steps: k, lr: Number(lr.value) || undefined });
+    const body = { support: { x: points.map(([x]) => [x]), y: points.map(([, y]) => [y]) },
+      query: { x: grid.map((x) => [x]) }, steps: n, lr: Number(lr.value) || undefined, every_step: true };
     adapt.disabled = true;
     layers.curves.replaceChildren();
     result.replaceChildren(h("p", { class: "muted" }, "Adapting…"));
     try {
-      let last = null;
-      for (let k = 0; k <= n; k++) {  // one query per step count: the curve after 0, 1, ..., n steps
-        const out = await api(`/models/${model.id}/adapt`, { method: "POST", body: body(k), signal });
-        const ys = out.predictions.map((p) => p[0]);
+      // One query: the predictions after 0, 1, ..., n steps of the same adaptation.
+      const out = await api(`/models/${model.id}/adapt`, { method: "POST", body, signal });
+      out.step_predictions.forEach((predictions, k) => {
+        const ys = predictions.map((p) => p[0]);
         const final = k === n;
         curve(grid, ys, k === 0 ? { stroke: "#6b7280", "stroke-width": 2, "stroke-dasharray": "6 4", class: "before" }
           : { stroke: PALETTE[0], "stroke-width": final ? 3 : 1.2, opacity: final ? 1 : 0.25 + (0.5 * k) / n,
             class: final ? "after" : "step", "data-step": k });
-        last = out;
-        if (k === 0) result.replaceChildren(h("p", { class: "muted" }, `Before adapting: support loss ${fmt(out.support_loss_before)}.`));
-      }
+      });
+      const losses = out.step_support_losses.map((v, k) => `${k}: ${fmt(v)}`).join(" · ");
       result.replaceChildren(h("p", { id: "sine-loss" },
-        `Support loss ${fmt(last.support_loss_before)} before adapting → ${fmt(last.support_loss_after)} after ${n} step${n === 1 ? "" : "s"} `
-        + `of size ${fmt(last.lr)}.`),
+        `Support loss ${fmt(out.support_loss_before)} before adapting → ${fmt(out.support_loss_after)} after ${n} step${n === 1 ? "" : "s"} `
+        + `of size ${fmt(out.lr)}.`),
+      h("p", { class: "muted", id: "sine-step-losses" }, `Support loss after each step: ${losses}.`),
       h("p", { class: "muted" }, "Grey dashed: before adaptation; blue: after each step, darker as it goes; bold: the last."));
     } catch (err) {
       if (err.name !== "AbortError") result.replaceChildren(errorBox(describe(err)));
@@ -257,14 +258,40 @@ function navigation(view, model, signal) {
   const p = (v) => ((v + R) / (2 * R)) * W;
   const svg = s("svg", { viewBox: `0 0 ${W} ${W}`, class: "plane", id: "nav-plane", role: "img", style: "max-width:320px",
     "aria-label": "The navigation plane; click to place the goal" });
+  // The goals' area, [-0.5, 0.5]^2, is the whole plane: its border, the axes, the start at the centre.
+  s("rect", { x: 0.5, y: 0.5, width: W - 1, height: W - 1, fill: "none", class: "axis area" }, svg);
   s("line", { x1: 0, x2: W, y1: W / 2, y2: W / 2, class: "axis" }, svg);
   s("line", { x1: W / 2, x2: W / 2, y1: 0, y2: W, class: "axis" }, svg);
+  const paths = s("g", { id: "nav-paths" }, svg);
   s("circle", { cx: W / 2, cy: W / 2, r: 4, fill: "#111827" }, svg);
-  const goalMark = s("circle", { r: 7, fill: "#dc2626", visibility: "hidden", id: "goal" }, svg);
+  const goalMark = s("circle", { r: 7, fill: "#dc2626", "fill-opacity": 0.8, visibility: "hidden", id: "goal" }, svg);
   const [gxLabel, gx] = numberInput("goal-x", "goal x", "0.3", { step: "any", min: -0.5, max: 0.5 });
   const [gyLabel, gy] = numberInput("goal-y", "goal y", "-0.2", { step: "any", min: -0.5, max: 0.5 });
   const [stepsLabel, steps] = numberInput("nav-steps", "Steps", model.spec.inner.steps ?? 1, { min: 0, max: 10 });
+  const rollouts = model.spec.task.rollouts ?? 10;
+  const [pathsLabel, pathCount] = numberInput("nav-paths-count", "Paths per step", Math.min(3, rollouts),
+    { min: 0, max: Math.min(10, rollouts) });
+  const legend = h("ul", { class: "legend", id: "nav-legend" });
+  function drawPaths(out) {
+    paths.replaceChildren();
+    legend.replaceChildren();
+    if (!out.trajectories) return;
+    out.trajectories.forEach((phase, k) => {
+      const color = PALETTE[k % PALETTE.length];
+      for (const path of phase) {
+        s("polyline", { points: path.map(([x, y]) => `${p(x).toFixed(1)},${(W - p(y)).toFixed(1)}`).join(" "),
+          fill: "none", stroke: color, "stroke-width": k === out.trajectories.length - 1 ? 2 : 1.2,
+          "stroke-opacity": 0.8, class: "trajectory", "data-step": k }, paths);
+      }
+      legend.append(h("li", {}, h("span", { style: `display:inline-block;width:12px;height:3px;background:${color};`
+        + "vertical-align:middle;margin-right:4px" }), k === 0 ? "before adapting" : `after ${k} step${k === 1 ? "" : "s"}`));
+    });
+    goalMark.setAttribute("cx", p(out.goal[0]));
+    goalMark.setAttribute("cy", W - p(out.goal[1]));
+  }
   const place = () => {
+    paths.replaceChildren();  // the paths were for the previous goal
+    legend.replaceChildren();
     goalMark.setAttribute("cx", p(Number(gx.value)));
     goalMark.setAttribute("cy", W - p(Number(gy.value)));
     goalMark.setAttribute("visibility", "visible");
@@ -284,15 +311,20 @@ function navigation(view, model, signal) {
     adapt.disabled = true;
     result.replaceChildren(h("p", { class: "muted" }, "Collecting rollouts and adapting…"));
     try {
+      const k = Math.max(0, Math.min(10, rollouts, Math.round(Number(pathCount.value) || 0)));
       const out = await api(`/models/${model.id}/adapt`, { method: "POST", signal, body: {
-        task: { goal: [Number(gx.value), Number(gy.value)] }, steps: Math.max(0, Math.round(Number(steps.value) || 0)) } });
+        task: { goal: [Number(gx.value), Number(gy.value)] }, steps: Math.max(0, Math.round(Number(steps.value) || 0)),
+        trajectories: k } });
+      drawPaths(out);
       chartSlot.replaceChildren();
       const chart = new LineChart(chartSlot, { title: "Average return after each adaptation step", xLabel: "steps" });
       (out.returns || []).forEach((r, k) => chart.push("return", k, r, "average return of the rollouts"));
       signal.addEventListener("abort", () => chart.destroy());
       result.replaceChildren(h("p", { id: "nav-returns" }, `Return ${fmt(out.return_before)} before adapting → `
         + `${fmt(out.return_after)} after ${out.steps} step${out.steps === 1 ? "" : "s"}.`),
-      h("p", { class: "muted" }, "The adaptation route answers the returns, not the trajectories, so none are drawn."));
+      h("p", { class: "muted" }, k ? `The paths: ${k} of the rollouts sampled with the policy before adapting and after `
+        + "each step (the Gaussian policy's exploration noise included, not its mean path), one colour per step count."
+        : "No paths asked (Paths per step: 0)."));
     } catch (err) {
       if (err.name !== "AbortError") result.replaceChildren(errorBox(describe(err)));
     } finally {
@@ -300,7 +332,8 @@ function navigation(view, model, signal) {
     }
   });
   view.append(h("p", { class: "muted" }, "Click the plane (x and y in [−0.5, 0.5]; the agent starts at the centre) to place a goal."),
-    svg, h("div", { class: "row" }, gxLabel, gx, gyLabel, gy, stepsLabel, steps, adapt), result, chartSlot);
+    svg, legend, h("div", { class: "row" }, gxLabel, gx, gyLabel, gy, stepsLabel, steps, pathsLabel, pathCount, adapt),
+    result, chartSlot);
   place();
 }
 
