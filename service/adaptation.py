@@ -3,7 +3,9 @@
 A query is validated against the model (input shape, label range, finite values, sizes), adapted
 with ``workers.evaluation.adapt`` -- the meta-test procedure of training, with the model's own
 ``eval.steps`` and ``inner.lr`` unless the query overrides them -- and answered with predictions
-for the query inputs and the support loss before and after adaptation.
+for the query inputs and the support loss before and after adaptation. With ``every_step``, also the
+predictions and the support loss after 0, 1, ..., steps steps, observed in the same loop (``on_step``);
+an RL policy answers its returns per step, and for nav2d ``trajectories`` sampled paths per step.
 
 Image models take base64 PNG or JPEG strings, preprocessed by the task family's own function, so
 an uploaded image becomes exactly the tensor training would have made of it.
