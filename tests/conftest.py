@@ -14,6 +14,11 @@ from helpers import ADMIN_TOKEN, BACKENDS, TESTS, fresh_database, make_app, make
 
 from service.config import Settings
 
+# Ray workers import the test-only modules from tests/ (user_models.py, the test files' own worker
+# and driver classes): set for the whole session, so that whichever test starts Ray first (the
+# fixture below, or a test whose service starts it from a run's thread) gives its workers this path.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--db", action="append", choices=BACKENDS, default=None,
@@ -52,8 +57,6 @@ def ray_cluster() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     from workers.raygroup import ensure_ray
 
-    # Workers import the test-only model factories from tests/ (user_models.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()

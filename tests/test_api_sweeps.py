@@ -64,7 +64,9 @@ def with_changes(**changes: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def client(tmp_path: Path, database: str | None) -> Iterator[TestClient]:
-    with TestClient(make_app(make_settings(tmp_path))) as c:
+    # The queue looks for queued runs once a minute, not every 0.25 s: a sweep stored straight into
+    # the database stays queued while the test looks at it (under load it was started, and started Ray).
+    with TestClient(make_app(make_settings(tmp_path, reconcile_interval_s=60, lease_ttl_s=3600))) as c:
         yield c
 
 
