@@ -61,7 +61,13 @@ def test_killed_worker_restarts_group_and_resumes_from_checkpoint(ray_cluster, t
     def start(t) -> None:
         groups.append(t.group.pids)
 
-    thread = threading.Thread(target=lambda: out.setdefault("result", _run(spec, tmp_path, on_start=start)))
+    def train() -> None:
+        try:
+            out["result"] = _run(spec, tmp_path, on_start=start)
+        except BaseException as exc:  # shown by the assertion below, not lost in the thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=train)
     thread.start()
     deadline = time.monotonic() + 120
     while not list_checkpoints(tmp_path / "checkpoints") and time.monotonic() < deadline:
@@ -69,6 +75,7 @@ def test_killed_worker_restarts_group_and_resumes_from_checkpoint(ray_cluster, t
     assert groups, "no worker group started"
     os.kill(groups[0][1], signal.SIGKILL)
     thread.join(timeout=300)
+    assert "result" in out, f"training did not end within 300 s after the kill: {out.get('error')!r}"
     result = out["result"]
     assert result.iteration == 400 and not result.cancelled
     assert len(groups) == 2, "the worker group was not restarted"

@@ -40,7 +40,14 @@ def test_one_and_two_workers_give_the_same_parameters(ray_cluster, tmp_path: Pat
     assert set(results["local"]) == set(results["ray2"])
     if options is not ANIL:
         assert any(k.startswith("inner_lr.") for k in results["local"])
-    # atol: ScaledNet's fc1.bias feeds BatchNorm, which cancels it, so its true gradient is 0 and the
-    # computed one rounding noise (~1e-13), which Adam scales by lr / eps (1e5) into ~1e-8 steps.
+    # ScaledNet's fc1.bias feeds BatchNorm, which cancels it: its true gradient is 0 and the computed
+    # one rounding noise (~1e-13) that depends on the summation order, and Adam turns noise into
+    # steps of up to lr each (2e-7 apart between the two runs was seen). So it is only checked to have
+    # moved no more than Adam's steps allow; every other parameter must agree.
+    noise_only = {"fc1.bias"}
     for name, p1 in results["local"].items():
+        if name in noise_only:
+            bound = spec.outer.iterations * spec.outer.lr
+            assert (results["ray2"][name] - p1).abs().max() <= 2 * bound, name
+            continue
         torch.testing.assert_close(results["ray2"][name], p1, rtol=1e-9, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
