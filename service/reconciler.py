@@ -39,7 +39,7 @@ HEARTBEAT_S = 1.0
 RAY_UNRESPONSIVE_S = 15.0  # the GCS has not answered for this long: exit, to be restarted
 # A task on the cluster has not run for this long: exit too. Longer, because a task may wait for a
 # worker process to start, and on a loaded machine that takes a while (18 s was seen here under
-# 64 clients); a dead raylet ends this process anyway (Ray terminates a driver that loses it).
+# 64 clients). An embedded raylet's death is seen at once, from its process's exit.
 RAY_TASK_UNRESPONSIVE_S = 60.0
 
 
