@@ -114,6 +114,9 @@ class TrialPublic(BaseModel):
     metric: MetricValue = Field(None, description="the sweep metric at the last report")
     best_metric: MetricValue = Field(None, description="the best value of the sweep metric over its reports")
     metrics: dict[str, MetricValue] = Field(default_factory=dict, description="the last report's metrics")
+    history: list[tuple[int, MetricValue]] = Field(
+        default_factory=list, description="(iteration, sweep metric) at each report, oldest first; null where "
+        "not finite; at most 200 points: a long trial's older points are thinned, its newest always kept")
     error: str | None = Field(None, description="why a failed trial failed")
 
 

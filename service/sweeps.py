@@ -85,11 +85,12 @@ def create_sweep(*, session: Session, tenant: str, spec: SweepSpec) -> Sweep:
 
 
 def trial_rows(trials: list[TrialInfo]) -> list[dict[str, Any]]:
-    """Trials as stored: JSON, with non-finite metrics as null."""
+    """Trials as stored: JSON, with non-finite metrics (also in the history) as null."""
     rows = []
     for trial in trials:
         row = trial.model_dump(mode="json")
         row["metrics"] = finite_metrics(trial.metrics)
+        row["history"] = [[iteration, finite_metrics({"v": value})["v"]] for iteration, value in trial.history]
         rows.append(row)
     return rows
 

@@ -412,6 +412,16 @@ def test_a_sweeps_trials_live_with_the_early_stopped_one_cut(page, server: str, 
     assert f"stopped early at {stopped[0]['iteration']}" in page.inner_text("#chart-trials .legend")
     shot(page, "sweep")
 
+    # Opened again after the end, the chart draws each trial's stored history, not only its last report.
+    page.click("nav a[href='#/sweeps']")
+    page.click(f"#sweeps a[href='#/sweeps/{sweep_id}']")
+    until(page, "window.mamlDashboard.charts.trials && window.mamlDashboard.charts.trials.series.size === 2")
+    drawn = page.evaluate("Object.fromEntries([...window.mamlDashboard.charts.trials.series]"
+                          ".map(([key, s]) => [key, s.xs.length]))")
+    assert drawn == {t["trial_id"]: sum(v is not None for _, v in t["history"]) for t in final["trials"]}
+    assert drawn[final["best"]["trial_id"]] == 8  # eval every iteration: one point per report
+    assert page.locator("#chart-trials path.cut").count() == len(stopped)
+
 
 def test_a_second_tenant_sees_none_of_the_first_tenants_things(page, server: str, acme: str,
                                                                models: dict[str, str]) -> None:

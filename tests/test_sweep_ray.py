@@ -58,6 +58,9 @@ def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(ra
     assert best.best_metric is not None and best.best_metric <= best.metric
     assert result.best_model_dir is not None and str(result.best_model_dir) == best.model_dir
     assert (result.best_model_dir / "model.safetensors").is_file()
+    # Each trial that reported keeps its curve: one point per report (eval every iteration), ending at its last.
+    assert [x for x, _ in best.history] == list(range(1, 9)) and best.history[-1][1] == best.metric
+    assert all(len(t.history) == t.reports and t.history[-1] == (t.iteration, t.metric) for t in stopped)
     info = json.loads((result.best_model_dir / "model.json").read_text())
     assert info["iteration"] == 8 and info["spec"]["outer"]["lr"] == 0.001 and "eval/loss" in info["eval_metrics"]
 
@@ -139,4 +142,6 @@ def test_sweep_killed_with_its_service_resumes_from_tune_state(ray_cluster, tmp_
     lines = (result.experiment_path / f"trial_{cut['trial_id']}" / "result.json").read_text().splitlines()
     iterations = [json.loads(line)["iteration"] for line in lines]
     assert iterations.count(10) == 1 and iterations[-1] == 120
+    # Both trials' histories survive the restart: the kept one's is read back from Tune's result file.
+    assert all([x for x, _ in t.history] == list(range(10, 121, 10)) for t in trials.values())
     assert result.best is not None and result.best_model_dir is not None

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT_DIR = "tune"  # the Tune experiment folder under a sweep's storage_dir
 _POLL_S = 0.5  # how often should_stop() is asked
+HISTORY_POINTS = 200  # a trial's history keeps at most this many (iteration, metric) points
 _TUNE_STATUS: dict[str, TrialStatus] = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused",
                                         "ERROR": "failed"}
 
@@ -93,6 +95,8 @@ class _Hooks:
     started: dict[str, float] = field(default_factory=dict)  # trial id -> its (re)start
     report_s: dict[str, tuple[float, float]] = field(default_factory=dict)  # trial id -> (start_s, run_s)
     errors: dict[str, str] = field(default_factory=dict)  # failed trials' errors, read once
+    history: dict[str, list[tuple[int, float | None]]] = field(default_factory=dict)  # trial id -> its curve
+    restored: bool = False  # a resumed sweep: its trials' earlier histories are read from Tune's result files
     trials: list = field(default_factory=list)  # Tune's own list of its trials (from any event)
     seen: tuple = ()  # (trial id, Tune status, time of its last result) of every trial, as last published
     infos: list[TrialInfo] | None = None  # every trial, as last published (the end's is the result)
@@ -124,7 +128,7 @@ def _tune_classes() -> tuple[type, type]:
             _on_event(self.key, "start", trials, trial)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            _on_event(self.key, "result", trials, trial)
+            _on_event(self.key, "result", trials, trial, result)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             _on_event(self.key, "step", trials, None)
@@ -147,7 +151,7 @@ def _tune_classes() -> tuple[type, type]:
     return SweepCallback, CancelStopper
 
 
-def _on_event(key: str, event: str, trials: list, trial: Any) -> None:
+def _on_event(key: str, event: str, trials: list, trial: Any, result: dict | None = None) -> None:
     """Tune's events -> ``on_trial_update(list[TrialInfo])`` when anything changed.
 
     Tune calls ``on_trial_start`` and ``on_trial_result`` before it applies the new status or
@@ -155,7 +159,9 @@ def _on_event(key: str, event: str, trials: list, trial: Any) -> None:
     step, which is also when trials ended by a cancel, an error or a scheduler show. The step's
     begin hands over Tune's trial list before the stopper can cancel, so a cancel sees trials
     created in that step. (Callbacks pickled by older code also send "error" and "complete":
-    nothing to do for those.)
+    nothing to do for those.) Each result adds a point to its trial's history here: several
+    results can arrive between two published snapshots. (Callbacks pickled by older code send no
+    result: their sweeps' trials keep no history.)
     """
     hooks = _hooks(key)
     if hooks is None or hooks.interrupted:
@@ -165,11 +171,14 @@ def _on_event(key: str, event: str, trials: list, trial: Any) -> None:
     if event == "start":
         hooks.started[trial.trial_id] = now
         hooks.report_s.pop(trial.trial_id, None)
-    elif event == "result" and trial.trial_id in hooks.started:
-        # Seconds from the trial's (re)start to its first and to its latest report.
-        run_s = round(now - hooks.started[trial.trial_id], 3)
-        start_s, _ = hooks.report_s.get(trial.trial_id, (run_s, run_s))
-        hooks.report_s[trial.trial_id] = (start_s, run_s)
+    elif event == "result":
+        if trial.trial_id in hooks.started:
+            # Seconds from the trial's (re)start to its first and to its latest report.
+            run_s = round(now - hooks.started[trial.trial_id], 3)
+            start_s, _ = hooks.report_s.get(trial.trial_id, (run_s, run_s))
+            hooks.report_s[trial.trial_id] = (start_s, run_s)
+        if result is not None and hooks.sweep.metric in result:
+            add_point(_history(hooks, trial), int(result.get("iteration", 0) or 0), _finite(result[hooks.sweep.metric]))
     elif event == "step" and hooks.should_interrupt is not None and _ask(hooks.should_interrupt, "should_interrupt"):
         # Raised at the end of Tune's step, after its experiment checkpoint: ``tune.run`` cleans up
         # the trials' actors and re-raises, without the final checkpoint that would mark them ended.
@@ -278,9 +287,43 @@ def _trial_info(trial: Any, hooks: _Hooks) -> TrialInfo:
         reports=int(result.get("training_iteration", 0) or 0),
         metric=_finite(result.get(sweep.metric)),
         best_metric=_finite(analysis.get(sweep.mode)),
-        metrics=metrics, error=hooks.errors.get(trial.trial_id) if state == "failed" else None, model_dir=model_dir,
+        metrics=metrics, history=list(_history(hooks, trial)),
+        error=hooks.errors.get(trial.trial_id) if state == "failed" else None, model_dir=model_dir,
         start_s=start_s, run_s=run_s,
     )
+
+
+def _history(hooks: _Hooks, trial: Any) -> list[tuple[int, float | None]]:
+    """A trial's history. In a restored sweep, a trial first seen gets the reports it made before the
+    restart from Tune's ``result.json`` in its folder (one JSON result a line)."""
+    history = hooks.history.get(trial.trial_id)
+    if history is None:
+        history = hooks.history[trial.trial_id] = []
+        results = hooks.path / _trial_dirname(trial) / "result.json"
+        if hooks.restored and results.is_file():
+            try:
+                for line in results.read_text().splitlines():
+                    result = json.loads(line) if line.strip() else {}
+                    if hooks.sweep.metric in result:
+                        add_point(history, int(result.get("iteration", 0) or 0), _finite(result[hooks.sweep.metric]))
+            except (OSError, ValueError):
+                logger.warning("sweep %s: trial %s: its earlier history could not be read from %s",
+                               hooks.sweep.name, trial.trial_id, results, exc_info=True)
+    return history
+
+
+def add_point(history: list[tuple[int, float | None]], iteration: int, value: float | None) -> None:
+    """Append ``(iteration, value)`` to a trial's history, in place, keeping it bounded.
+
+    A trial restarted from a checkpoint reports iterations again: the points from there on are
+    replaced. Past ``HISTORY_POINTS`` points, every other one is dropped, the newest always kept,
+    so a long trial's curve keeps its shape and its end.
+    """
+    while history and history[-1][0] >= iteration:
+        history.pop()
+    history.append((iteration, value))
+    if len(history) > HISTORY_POINTS:
+        history[:] = [*history[:-1:2], history[-1]]
 
 
 def _finite(value: Any) -> float | None:
@@ -389,6 +432,7 @@ def run_sweep(
         restorable = tune.Tuner.can_restore(str(experiment))
         if resume and restorable:
             logger.info("sweep %s: restoring from %s", sweep.name, experiment)
+            hooks.restored = True
             # Errored trials are resumed too: a crash of the service can leave trials errored by
             # their actors dying; a trial that fails on its own fails again, quickly.
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,

@@ -293,6 +293,12 @@ class TrialInfo(BaseModel):
     metric: float | None = Field(None, description="the sweep metric at the last report")
     best_metric: float | None = Field(None, description="the best value of the sweep metric over all reports")
     metrics: dict[str, float] = Field(default_factory=dict, description="the last report's metrics")
+    # Rows stored before the history existed have none: the default keeps them valid.
+    history: list[tuple[int, float | None]] = Field(
+        default_factory=list,
+        description="(iteration, sweep metric) at each report, oldest first; null where the metric was not "
+                    "finite; at most 200 points (workers.sweep.HISTORY_POINTS): when full, every other point "
+                    "and the newest are kept")
     error: str | None = Field(None, description="why a failed trial failed")
     model_dir: str | None = Field(None, description="completed trials: the exported model folder")
     start_s: float | None = Field(None, description="seconds from the trial's actor start to its first report")

@@ -221,8 +221,8 @@ export async function sweepPage(view, { signal, params: [id] }) {
   const charts = h("div", {});
   view.append(h("p", {}, h("a", { href: "#/sweeps" }, "← Sweeps")), head, h("h2", {}, "Trials"), table,
     h("h2", {}, "Curves"), charts, h("p", { class: "muted" },
-      "Each trial's sweep metric at its reports (one per evaluation), gathered while this page is open; × marks a "
-      + "trial the scheduler stopped early."));
+      "Each trial's sweep metric at its reports (one per evaluation; a long trial's older reports thinned to 200 "
+      + "points); × marks a trial the scheduler stopped early."));
   const chart = new LineChart(charts, { title: `${sweep.spec.metric} by trial (${sweep.spec.mode})` });
   chart.figure.id = "chart-trials";
   live.charts = { trials: chart };
@@ -246,6 +246,10 @@ export async function sweepPage(view, { signal, params: [id] }) {
         h("td", { class: "num" }, fmt(t.metric)), h("td", { class: "num" }, fmt(t.best_metric))))))
       : state("No trials yet."));
     for (const t of sweep.trials) {
+      // The stored history first (only its points past what the chart has: each event carries it
+      // all), then the latest report, which also replaces the points after a replay from a checkpoint.
+      const drawn = chart.series.get(t.trial_id)?.last?.x ?? -Infinity;
+      for (const [x, y] of t.history || []) if (x > drawn && y !== null) chart.push(t.trial_id, x, y, t.trial_id);
       if (t.metric !== null && t.iteration > 0) chart.push(t.trial_id, t.iteration, t.metric, t.trial_id);
       if (t.status === "stopped_early") chart.cut(t.trial_id, `stopped early at ${t.iteration}`);
     }
