@@ -161,7 +161,7 @@ def render(p: dict) -> list[str]:
         f"**Result: MAML minus pretrained after one step, both with alpha 0.1, paired over the same "
         f"{head['goals']} goals and action noise: {head['mean']:+.2f} ± {head['sem']:.2f} (s.e.), MAML better on "
         f"{head['better_goals']}/{head['goals']} goals; more than two standard errors: "
-        f"**{p['result']['more_than_two_se']}**.**",
+        f"{p['result']['more_than_two_se']}.**",
         "",
         "Average return after k policy-gradient steps (± s.e. over goals). Best alpha: each baseline's best "
         f"of {list(ALPHAS)} per column, chosen on these same goals (in its favour); MAML always alpha 0.1.",
