@@ -11,6 +11,7 @@ skipped with a loud reason; CI (.ci/run) installs Debian's chromium first, so th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -172,6 +173,12 @@ def until(page, expression: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def shows(page, selector: str, text: str, timeout: float = 30.0) -> None:
+    """Wait until the element's text contains ``text`` (a page first shows its loading state)."""
+    until(page, f"(document.querySelector({json.dumps(selector)})?.innerText || '').includes({json.dumps(text)})",
+          timeout)
+
+
 def sign_in(page, server: str, key: str) -> None:
     page.goto(f"{server}/")
     page.fill("#api-key", key)
@@ -203,7 +210,7 @@ def test_an_unreachable_service_shows_its_state(page, server: str, acme: str) ->
     page.goto(f"{server}/#/models")
     page.wait_for_selector("#banner:not([hidden])")
     assert "unreachable" in page.inner_text("#banner")
-    assert "unreachable" in page.inner_text("#view")
+    shows(page, "#view", "unreachable")
     shot(page, "unreachable")
     page.unroute("**/api/v1/**")
     page.click("#banner button")  # Retry
@@ -213,7 +220,7 @@ def test_an_unreachable_service_shows_its_state(page, server: str, acme: str) ->
 def test_sign_in_submit_from_the_form_and_watch_the_curve_grow(page, server: str) -> None:
     key = _key(server, "submitter")
     sign_in(page, server, key)
-    assert "No jobs yet" in page.inner_text("#jobs")
+    shows(page, "#jobs", "No jobs yet")
     shot(page, "jobs-empty")
     assert page.evaluate("sessionStorage.getItem('maml.apiKey')") == key
     page.click("nav a[href='#/submit']")
@@ -254,7 +261,7 @@ def test_sign_in_submit_from_the_form_and_watch_the_curve_grow(page, server: str
     page.wait_for_selector(f"#jobs-table tr[data-id='{job_id}'] .badge[data-status=succeeded]")
     page.select_option("#status-filter", "running")
     page.wait_for_selector("#jobs .state")
-    assert "No running jobs" in page.inner_text("#jobs")
+    shows(page, "#jobs", "No running jobs")
     page.select_option("#status-filter", "succeeded")
     page.wait_for_selector(f"#jobs-table tr[data-id='{job_id}']")
 
@@ -408,8 +415,9 @@ def test_a_sweeps_trials_live_with_the_early_stopped_one_cut(page, server: str, 
     assert page.get_attribute("a[href^='#/models/']", "href") == f"#/models/{final['model_id']}"
     stopped = [t for t in final["trials"] if t["status"] == "stopped_early"]
     assert stopped, final["counts"]
-    assert page.locator("#chart-trials path.cut").count() == len(stopped)
-    assert f"stopped early at {stopped[0]['iteration']}" in page.inner_text("#chart-trials .legend")
+    # The chart redraws at the next animation frame after the event that ended the sweep.
+    until(page, f"document.querySelectorAll('#chart-trials path.cut').length === {len(stopped)}")
+    shows(page, "#chart-trials .legend", f"stopped early at {stopped[0]['iteration']}")
     shot(page, "sweep")
 
     # Opened again after the end, the chart draws each trial's stored history, not only its last report.
@@ -420,7 +428,7 @@ def test_a_sweeps_trials_live_with_the_early_stopped_one_cut(page, server: str, 
                           ".map(([key, s]) => [key, s.xs.length]))")
     assert drawn == {t["trial_id"]: sum(v is not None for _, v in t["history"]) for t in final["trials"]}
     assert drawn[final["best"]["trial_id"]] == 8  # eval every iteration: one point per report
-    assert page.locator("#chart-trials path.cut").count() == len(stopped)
+    until(page, f"document.querySelectorAll('#chart-trials path.cut').length === {len(stopped)}")
 
 
 def test_a_second_tenant_sees_none_of_the_first_tenants_things(page, server: str, acme: str,
@@ -429,11 +437,11 @@ def test_a_second_tenant_sees_none_of_the_first_tenants_things(page, server: str
         assert api.get("/jobs").json()["count"] >= 2
     other = _key(server, "other-tenant")
     sign_in(page, server, other)
-    assert "No jobs yet" in page.inner_text("#jobs")
+    shows(page, "#jobs", "No jobs yet")
     assert page.locator("#jobs-table").count() == 0
     page.click("nav a[href='#/models']")
     page.wait_for_selector("#view .state")
-    assert "No models yet" in page.inner_text("#view")
+    shows(page, "#view", "No models yet")
     page.click("nav a[href='#/sweeps']")
     page.wait_for_selector("#sweeps .state")
     shot(page, "sweeps-empty")

@@ -26,7 +26,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture
 def on_ray(settings: Settings, ray_cluster: None) -> Iterator[tuple[Settings, object]]:
-    settings = settings.model_copy(update={"drivers": "ray", "lease_ttl_s": 2.0})
+    # A lease of 6 s: long enough that a loaded machine (a worker start of 20 s, SQLite busy) does not
+    # lose it while the driver works, short enough for the takeover tests.
+    settings = settings.model_copy(update={"drivers": "ray", "lease_ttl_s": 6.0})
     settings.prepare()
     engine = make_engine(settings)
     init_db(engine)
