@@ -1,19 +1,21 @@
-"""MAML-RL benchmark: the shape of the paper's 2D navigation result, and rollout throughput.
+"""MAML-RL benchmark: the shape of the paper's 2D navigation and half-cheetah velocity results.
 
-Finn et al. (2017), figure 5 (left): average return on new goals after 0..3 policy-gradient steps
-for the MAML policy, a policy pretrained on all tasks jointly, and a random initialisation; MAML
-must beat both after one step. Every number here comes from this one run, on this machine:
+Finn et al. (2017), figure 5: average return on new goals after 0..3 policy-gradient steps for the
+MAML policy, a policy pretrained on all tasks jointly, and a random initialisation; MAML must beat
+both after one step. Every number here comes from this one run, on this machine:
 
-    .venv/bin/python -m benchmarks.rl_nav2d [--iterations 30] [--quick] [--no-cheetah]
+    .venv/bin/python -m benchmarks.rl_nav2d [--family nav2d|halfcheetah_vel] [--cpu-minutes 30] [--quick]
 
-- MAML: second-order MAML, TRPO meta-update (KL 0.01), the paper's settings: 20 goals per
-  meta-batch, K = 20 rollouts of 100 steps, one inner step with alpha = 0.1, 2x100 ReLU policy.
-- Pretrained: the same trainer without adaptation (``inner_steps=0``), TRPO on random goals, for
-  the same number of iterations and the same environment steps (40 rollouts per goal, since MAML
-  samples 20 before and 20 after adapting).
+- MAML: second-order MAML, TRPO meta-update (KL 0.01), the paper's settings: nav2d 20 goals per
+  meta-batch, K = 20 rollouts of 100 steps; half-cheetah velocity (``--family halfcheetah_vel``,
+  results in ``rl_cheetah.*``) 40 goal velocities per meta-batch, K = 20 rollouts of 200 steps
+  (``--meta-batch-size`` to fit a budget); one inner step with alpha = 0.1, 2x100 ReLU policy.
+- Pretrained: the same trainer without adaptation (``inner_steps=0``), TRPO on random goals, with
+  the same environment steps per iteration (40 rollouts per goal, since MAML samples 20 before and
+  20 after adapting), for a number of iterations or a CPU budget.
 - Random: the seeded initial policy.
-Evaluation: 40 held-out goals (the test split), K = 20 rollouts per step, the same action noise
-for every policy (common random numbers). MAML adapts with its training alpha (0.1); the baselines
+Evaluation: 40 held-out goals (the test split; ``--eval-goals``), K = 20 rollouts per step, the same
+action noise for every policy (common random numbers). MAML adapts with its training alpha (0.1); the baselines
 are given the best alpha of {0.05, 0.1, 0.2, 0.5} for each step count, chosen on these same goals
 (a choice in their favour), and are also shown at MAML's alpha; MAML minus baseline is also given
 paired over goals.
@@ -43,10 +45,25 @@ import torch
 from workers.raygroup import LocalGroup, WorkerGroup, ensure_ray
 from workers.rl.program import RolloutWorker, build_family, build_policy, sample_tasks_rollouts
 from workers.run import Trainer
-from workers.spec import JobSpec
+from workers.spec import RL_FAMILY_DEFAULTS, JobSpec
 
 RESULTS = Path(__file__).parent / "results"
 ALPHAS = (0.05, 0.1, 0.2, 0.5)
+# Per family: the results' file stem, the report's title and the words for a task's goal (one, several).
+FAMILIES = {"nav2d": {"stem": "rl_nav2d", "title": "2D navigation", "goal": "goal", "goals": "goals"},
+            "halfcheetah_vel": {
+                "stem": "rl_cheetah", "title": "half-cheetah velocity",
+                "goal": "goal velocity", "goals": "goal velocities",
+                "paper": "Finn et al. (2017), figure 5 (half-cheetah, goal velocity): "
+                         "the MAML policy's return jumps after one policy-gradient step and stays well above the "
+                         "pretrained and random policies at 1-3 steps. The paper gives these numbers only in the "
+                         "figure (no table), so none are quoted here; every number below was measured in this run."}}
+REWARDS = {
+    "distance": "minus the distance to the goal (the authors' code)",
+    "squared": "minus the squared distance to the goal (the paper's text)",
+    "halfcheetah_vel": "per step, minus |v - v_goal| (forward velocity against the goal velocity, uniform in "
+                       "[0, 2]) minus 0.05 |a|^2 (rllab's half_cheetah_env_rand.py), summed over the episode "
+                       "(0 would be perfect tracking at no control cost)"}
 
 
 def rl_spec(name: str = "maml", *, family: str = "nav2d", rollouts: int = 20, iterations: int = 1,
@@ -128,43 +145,50 @@ def machine_info(load_start: tuple[float, ...]) -> dict:
 
 def render(p: dict) -> list[str]:
     """The markdown report of a finished run."""
+    fam, task = FAMILIES[p["family"]], p["configs"]["maml"]["task"]
+    goal, goals = fam["goal"], fam["goals"]
+
     def cell(c: dict) -> str:
         return f"{c['return']:.2f} ± {c['sem']:.2f}"
 
     def diff(v: dict) -> str:
-        return f"{v['mean']:+.2f} ± {v['sem']:.2f} ({v['better_goals']}/{v['goals']} goals)"
+        return f"{v['mean']:+.2f} ± {v['sem']:.2f} ({v['better_goals']}/{v['goals']} {goals})"
 
     m, pre, info = p["maml"]["spent"], p["pretrained"]["spent"], p["machine"]
     loads = [pt["load1"] for pt in p["maml"]["curve"]]
     head = p["result"]["maml_minus_pretrained_step1_same_alpha"]
-    reward = "minus the distance to the goal (the authors' code)" if p["reward"] == "distance" else (
-        "minus the squared distance to the goal (the paper's text)")
+    horizon = task["horizon"] or RL_FAMILY_DEFAULTS[p["family"]]["horizon"]
+    paper = [f"Paper: {fam['paper']}", ""] if "paper" in fam else []
     lines = [
-        f"# MAML-RL, 2D navigation: MAML against a pretrained policy on {p['eval_goals']} held-out goals",
+        f"# MAML-RL, {fam['title']}: MAML against a pretrained policy on {p['eval_goals']} held-out {goals}",
         "",
-        f"Reward: {reward}; horizon 100; 20 goals per meta-batch, 20 rollouts per goal, one inner step "
-        "of alpha 0.1, 2x100 ReLU Gaussian policy, second-order MAML with a TRPO meta-update (KL 0.01), "
-        "1 torch thread.",
+        f"Reward: {REWARDS[p['reward'] or p['family']]}; horizon {horizon}; "
+        f"{p['configs']['maml']['outer']['meta_batch_size']} {goals} per meta-batch, {task['rollouts']} rollouts "
+        f"per {goal}, one inner step of alpha 0.1, 2x100 ReLU Gaussian policy, second-order MAML with a TRPO "
+        "meta-update (KL 0.01), 1 torch thread.",
         "",
+        *paper,
         f"- **MAML**: budget {p['cpu_budget_s'] / 60:.0f} CPU minutes of meta-training (this process's "
         f"CPU time, evaluations not counted); used {m['train_cpu_s'] / 60:.1f} CPU min, "
         f"{m['iterations']} iterations, {m['wall_s'] / 60:.1f} wall min, stopped by: {m['stopped_by']}; "
         f"periodic paired evaluations {m['eval_cpu_s'] / 60:.1f} CPU min.",
-        f"- **Pretrained**: the same trainer without adaptation (TRPO on random goals, 40 rollouts per "
-        f"goal: MAML's environment steps per iteration), {pre['iterations']} iterations, "
-        f"{pre['train_cpu_s'] / 60:.1f} CPU min, {pre['wall_s'] / 60:.1f} wall min.",
+        f"- **Pretrained**: the same trainer without adaptation (TRPO on random {goals}, 40 rollouts per "
+        f"{goal}: MAML's environment steps per iteration), {pre['iterations']} iterations, "
+        f"{pre['train_cpu_s'] / 60:.1f} CPU min, {pre['wall_s'] / 60:.1f} wall min, stopped by: "
+        f"{pre['stopped_by']}; evaluating it and the random policy at every alpha: "
+        f"{p['baseline_eval_cpu_s'] / 60:.1f} CPU min.",
         f"- Machine: {info['cores']} cores shared with other engineers' work; 1-minute load average "
         f"during MAML's training {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
         f"(mean {sum(loads) / max(len(loads), 1):.1f}); torch {info['torch']}, Python {info['python']}. "
         f"Whole run: {p['total']['cpu_s'] / 60:.1f} CPU min, {p['total']['wall_s'] / 60:.1f} wall min.",
         "",
         f"**Result: MAML minus pretrained after one step, both with alpha 0.1, paired over the same "
-        f"{head['goals']} goals and action noise: {head['mean']:+.2f} ± {head['sem']:.2f} (s.e.), MAML better on "
-        f"{head['better_goals']}/{head['goals']} goals; more than two standard errors: "
+        f"{head['goals']} {goals} and action noise: {head['mean']:+.2f} ± {head['sem']:.2f} (s.e.), MAML better "
+        f"on {head['better_goals']}/{head['goals']} {goals}; more than two standard errors: "
         f"{p['result']['more_than_two_se']}.**",
         "",
         "Average return after k policy-gradient steps (± s.e. over goals). Best alpha: each baseline's best "
-        f"of {list(ALPHAS)} per column, chosen on these same goals (in its favour); MAML always alpha 0.1.",
+        f"of {list(ALPHAS)} per column, chosen on these same {goals} (in its favour); MAML always alpha 0.1.",
         "",
         "| policy | 0 steps | 1 step | 2 steps | 3 steps |",
         "|---|---|---|---|---|",
@@ -177,7 +201,7 @@ def render(p: dict) -> list[str]:
         same = np.array(by_alpha["0.1"])
         cells = [f"{same[:, k].mean():.2f} ± {same[:, k].std(ddof=1) / np.sqrt(len(same)):.2f}" for k in range(4)]
         lines.append(f"| {name}, alpha 0.1 | " + " | ".join(cells) + " |")
-    lines += ["", "MAML minus baseline, paired over goals:", "",
+    lines += ["", f"MAML minus baseline, paired over {goals}:", "",
               "| baseline | alpha | 1 step | 2 steps | 3 steps |", "|---|---|---|---|---|"]
     for base in ("pretrained", "random"):
         for how in ("same_alpha", "best_alpha"):
@@ -257,13 +281,20 @@ def train_budgeted(cfg: JobSpec, run_dir: Path, *, cpu_budget_s: float, deadline
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="nav2d",
+                        help="nav2d (results rl_nav2d.*) or halfcheetah_vel (results rl_cheetah.*)")
     parser.add_argument("--cpu-minutes", type=float, default=30.0,
                         help="MAML's meta-training budget in CPU minutes of this process (evaluations excluded)")
     parser.add_argument("--max-iterations", type=int, default=1000, help="MAML: stop here if the budget lasts")
     parser.add_argument("--pretrained-iterations", type=int, default=100,
                         help="the pretrained baseline's iterations (40 rollouts per goal: MAML's env steps)")
+    parser.add_argument("--pretrained-cpu-minutes", type=float,
+                        help="the pretrained baseline's budget in CPU minutes, if any (stops at whichever comes first)")
+    parser.add_argument("--meta-batch-size", type=int,
+                        help="goals per meta-batch, MAML and pretrained (default: the family's, nav2d 20, cheetah 40)")
+    parser.add_argument("--eval-goals", type=int, help="held-out goals of the evaluations (default 40; 5 with --quick)")
     parser.add_argument("--reward", choices=("squared", "distance"), default="distance",
-                        help="distance: the authors' code; squared: the paper's text")
+                        help="nav2d only: distance: the authors' code; squared: the paper's text")
     parser.add_argument("--eval-every", type=int, default=20, help="MAML iterations between paired evaluations")
     parser.add_argument("--deadline", help="wall-clock UTC time HH:MM after which training stops (partial curve)")
     parser.add_argument("--quick", action="store_true", help="3 iterations, 5 eval goals: a plumbing check")
@@ -276,29 +307,33 @@ def main() -> None:
         hh, mm = (int(x) for x in args.deadline.split(":"))
         now = datetime.now(UTC)
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
-    eval_tasks = 5 if args.quick else 40
+    eval_tasks = args.eval_goals or (5 if args.quick else 40)
     maml_its = 3 if args.quick else args.max_iterations
     pre_its = 3 if args.quick else args.pretrained_iterations
     budget_s = 60 * args.cpu_minutes
     started, cpu_started = time.perf_counter(), cpu_s()
     load_start = os.getloadavg()
-    maml_cfg = rl_spec("maml", iterations=maml_its, eval_tasks=eval_tasks, reward=args.reward)
-    pre_cfg = rl_spec("pretrained", inner_steps=0, rollouts=40, iterations=pre_its, eval_tasks=eval_tasks,
-                      reward=args.reward)
-    suffix = "-quick" if args.quick else ""
+    reward = args.reward if args.family == "nav2d" else None  # the half-cheetah's reward is fixed
+    common = {"family": args.family, "meta_batch_size": args.meta_batch_size, "eval_tasks": eval_tasks,
+              "reward": args.reward}
+    maml_cfg = rl_spec("maml", iterations=maml_its, **common)
+    pre_cfg = rl_spec("pretrained", inner_steps=0, rollouts=40, iterations=pre_its, **common)
+    stem = FAMILIES[args.family]["stem"] + ("-quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
-    payload: dict = {"status": "running", "settings": vars(args), "eval_goals": eval_tasks,
+    payload: dict = {"status": "running", "settings": vars(args), "family": args.family, "reward": reward,
+                     "eval_goals": eval_tasks,
                      "configs": {"maml": maml_cfg.model_dump(mode="json"),
                                  "pretrained": pre_cfg.model_dump(mode="json")}}
 
     def save() -> None:
         payload["machine"] = machine_info(load_start)
-        (RESULTS / f"rl_nav2d{suffix}.json").write_text(json.dumps(payload, indent=1))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp:
         # 1. The pretrained baseline (joint training on random goals, no adaptation), then its returns
         #    on the held-out goals after 0..3 steps, at every alpha: the fixed reference of the curve.
-        pre, pre_curve, pre_spent = train_budgeted(pre_cfg, Path(tmp) / "pre", cpu_budget_s=float("inf"),
+        pre, pre_curve, pre_spent = train_budgeted(pre_cfg, Path(tmp) / "pre",
+                                                   cpu_budget_s=60 * (args.pretrained_cpu_minutes or float("inf")),
                                                    deadline=deadline, label="pretrained")
         c = cpu_s()
         evals = {"pretrained": evaluate(maml_cfg, pre, ALPHAS, 3, eval_tasks),
@@ -311,7 +346,7 @@ def main() -> None:
         best = evals["pretrained"][str(best1)]
 
         def on_eval(trainer: Trainer, curve: list[dict]) -> dict:
-            # MAML after 0 and 1 steps on the same 40 goals with the same action noise, paired.
+            # MAML after 0 and 1 steps on the same held-out goals with the same action noise, paired.
             r = evaluate(maml_cfg, trainer, (maml_cfg.inner.lr,), 1, eval_tasks)[str(maml_cfg.inner.lr)]
             out = {"eval/maml_step1": round(float(r[:, 1].mean()), 3),
                    "eval/vs_pretrained_same_alpha": paired(r[:, 1], same[:, 1]),
@@ -344,7 +379,7 @@ def main() -> None:
                 evals["maml"][lr][:, k], evals[base][str(table[base][k]["alpha"])][:, k])
     headline = diffs["pretrained/same_alpha/step_1"]
     payload.update({
-        "status": "done", "reward": args.reward, "cpu_budget_s": budget_s,
+        "status": "done", "cpu_budget_s": budget_s,
         "maml": {"spent": maml_spent, "curve": maml_curve},
         "returns": table, "paired_maml_minus_baseline": diffs,
         "result": {"maml_minus_pretrained_step1_same_alpha": headline,
@@ -361,7 +396,7 @@ def main() -> None:
         ray.shutdown()
     save()
     lines = render(payload)
-    (RESULTS / f"rl_nav2d{suffix}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
