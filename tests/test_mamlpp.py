@@ -469,7 +469,8 @@ def test_sweeps_can_vary_each_option() -> None:
 MAMLPP = {"inner": {"steps": 2, "lr": 0.05, "learn_lr": "per_layer_per_step", "checkpoint": True},
           "outer": {"multi_step_loss": True, "msl_anneal_iterations": 4, "first_order_iterations": 2,
                     "lr_schedule": "cosine", "iterations": 6, "meta_batch_size": 4},
-          "model": {"factory": "user_models:make_model", "kwargs": {"width": 6}, "per_step_bn": True}}
+          "model": {"factory": "user_models:make_model", "kwargs": {"width": 6}, "per_step_bn": True,
+                    "per_step_bn_stats": True}}
 ANIL = {"inner": {"steps": 2, "lr": 0.05, "adapt": "head"}, "outer": {"iterations": 6, "meta_batch_size": 4}}
 METASGD = {"inner": {"steps": 2, "lr": 0.05, "learn_lr": "per_parameter"}, "outer": {"iterations": 6,
                                                                                       "meta_batch_size": 4}}
@@ -507,6 +508,9 @@ def test_resume_with_learned_pieces_is_exact(tmp_path: Path, overrides: dict) ->
         assert torch.equal(a[k], b[k]), k
     lrs = {k: v for k, v in a.items() if k.startswith(LR_PREFIX)}
     assert any(not torch.allclose(v, torch.full_like(v, 0.05)) for v in lrs.values())  # they were learned
+    if spec.model.per_step_bn_stats:  # averaged over every iteration, the resumed run's too
+        assert int(a["bn_stats.updates"]) == spec.outer.iterations
+        assert not torch.allclose(a["bn_stats.bn.mean"], torch.zeros_like(a["bn_stats.bn.mean"]))
     from safetensors.torch import load_file
 
     exported = load_file(str(result.model_dir / "model.safetensors"))

@@ -19,7 +19,8 @@ API = "/api/v1"
 # The service's persistence is not what is tested here: SQLite only.
 pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.backends("sqlite")]
 
-SPEC = {"model": {"factory": "user_models:make_model", "kwargs": {"width": 6}, "per_step_bn": True},
+SPEC = {"model": {"factory": "user_models:make_model", "kwargs": {"width": 6}, "per_step_bn": True,
+                  "per_step_bn_stats": True},
         "inner": {"steps": 2, "lr": 0.05, "learn_lr": "per_layer_per_step"},
         "outer": {"iterations": 8, "meta_batch_size": 2, "multi_step_loss": True, "msl_anneal_iterations": 4,
                   "lr": 0.01},
@@ -44,6 +45,9 @@ def test_adaptation_uses_the_learned_pieces(tmp_path) -> None:
         assert set(bns) == {f"{BN_PREFIX}.bn.weight", f"{BN_PREFIX}.bn.bias"}
         assert all(v.shape == (2,) for v in lrs.values()) and bns[f"{BN_PREFIX}.bn.weight"].shape == (2, 6)
         assert any(not torch.allclose(v, torch.full_like(v, 0.05)) for v in lrs.values())  # meta-learned
+        # per-step running statistics: steps + 1 rows for the BatchNorm layer, averaged over 8 iterations
+        assert weights["bn_stats.bn.mean"].shape == weights["bn_stats.bn.var"].shape == (3, 6)
+        assert int(weights["bn_stats.updates"]) == 8
 
         support = {"x": [[-2.0], [-1.0], [0.0], [1.0], [2.5]], "y": [[0.3], [-0.4], [0.1], [0.9], [-1.2]]}
         query = {"x": [[0.5], [-1.5], [3.0]]}
@@ -68,6 +72,11 @@ def test_adaptation_uses_the_learned_pieces(tmp_path) -> None:
         assert answer["support_loss_after"] == pytest.approx(after, rel=1e-6)
         torch.testing.assert_close(torch.tensor(answer["predictions"], dtype=torch.float32), expected,
                                    rtol=1e-5, atol=1e-6)
+        # Normalised with the running statistics, one query item alone gets the answer it got in the batch.
+        r = client.post(f"{API}/models/{model_id}/adapt", json={"support": support, "query": {"x": query["x"][1:2]}},
+                        headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0] == pytest.approx(answer["predictions"][1], rel=1e-5)
         # ... which is not what the plain inner loop (the fixed inner.lr on every weight) gives.
         plain, _, _ = adapt(module, params, buffers, xs, ys, steps=spec.eval.steps, lr=spec.inner.lr, loss="mse")
         assert not torch.allclose(predict(module, plain, buffers, xq), expected, rtol=1e-4)

@@ -29,7 +29,7 @@ from workers.inner import (
     evaluate,
     loss_function,
 )
-from workers.mamlpp import MetaOptions, is_learned
+from workers.mamlpp import MetaOptions, batchnorm_modules, is_learned, step_statistics
 from workers.mamlpp import adapt as adapt_learned
 from workers.tasks.base import LossName, Task, TaskFamily
 
@@ -130,7 +130,8 @@ def _observer(on_step: OnStep, forward: Forward, x: torch.Tensor, y: torch.Tenso
 
 
 def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-    """The outputs for ``x`` with ``params`` (no graph): the hand-written kernels where they apply."""
+    """The outputs for ``x`` with ``params`` (no graph): the hand-written kernels where they apply.
+    ``params`` may carry per-step BatchNorm running statistics (``workers.mamlpp.adapt``'s result)."""
     net = fused_net(model, x.device)
     if net is not None:
         return fused.logits(net, params, x)
@@ -195,6 +196,8 @@ def meta_test(
     classification = family.loss == "cross_entropy"
     forward = Forward(model, buffers)
     plain = {k: v for k, v in params.items() if not is_learned(k)}  # the model's own parameters
+    if meta is not None and meta.bn_stats:  # before adapting: step 0's running statistics
+        plain.update(step_statistics(buffers, batchnorm_modules(model), 0, meta.steps))
     loss_before, loss_after, acc_before, acc_after = [], [], [], []
     for index in range(num_tasks):
         task = family.sample(seed, 0, index, split)

@@ -23,6 +23,24 @@ like any weight (``attach``):
                                 s >= 1 inner steps (row s - 1); the model's own BatchNorm weights
                                 are those of step 0. Not adapted in the inner loop (as in MAML++).
 
+Per-step BatchNorm running statistics (``per_step_bn_stats``) are buffers, not parameters:
+
+    bn_stats.<BatchNorm module name>.mean, .var   (steps + 1, channels): row s, the running mean and
+                                (unbiased) variance of the layer's input in the forward passes after
+                                s inner steps (the support passes for s < steps, the query passes
+                                where the objective has them), over the meta-training tasks.
+    bn_stats.updates            how many meta-iterations they average.
+
+Meta-training normalises with batch statistics, as MAML++'s code does in every pass; each task
+reports its batch statistics beside its meta-gradient (``task_meta_gradient``), the aggregator
+averages them over the meta-batch like a gradient (so one worker or several give the same), and
+``update_running_stats`` folds the mean into the buffers: a cumulative average for the first
+1 / ``BN_STATS_MOMENTUM`` iterations, an exponential one after. Adaptation steps on the support
+set with batch statistics, as in training; the adapted parameters it returns carry the running
+statistics of their step (``<module>.step_mean``, ``.step_var``), with which the model's
+BatchNorm layers normalise instead: a query item's prediction then depends on its own input and
+the support set only, not on the other query items.
+
 At evaluation, steps beyond the trained ``steps`` reuse the last step's learning rates and
 BatchNorm weights.
 
@@ -35,9 +53,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -51,6 +71,8 @@ from workers.tasks.base import LossName, Task
 
 LR_PREFIX = "inner_lr"
 BN_PREFIX = "bn_step"
+STATS_PREFIX = "bn_stats"
+BN_STATS_MOMENTUM = 0.1  # the running statistics' weight of each new meta-iteration (torch's default)
 LearnLR = Literal["none", "per_layer_per_step", "per_parameter"]
 Adapt = Literal["all", "head"]
 MSL_MIN_WEIGHT = 0.03  # MAML++: the non-final steps' weights decay to 0.03 / steps
@@ -65,6 +87,7 @@ class MetaOptions:
     learn_lr: LearnLR = "none"
     adapt: Adapt = "all"
     per_step_bn: bool = False
+    bn_stats: bool = False  # per-step BatchNorm running statistics
     checkpoint: bool = False
     msl_weights: tuple[float, ...] | None = None  # the query loss weights after steps 1..S; None: the last only
 
@@ -75,18 +98,19 @@ class MetaOptions:
         if spec.outer.multi_step_loss and iteration is not None:
             weights = msl_weights(spec.inner.steps, iteration, spec.outer.msl_anneal_iterations)
         return cls(steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr, adapt=spec.inner.adapt,
-                   per_step_bn=spec.model.per_step_bn, checkpoint=spec.inner.checkpoint, msl_weights=weights)
+                   per_step_bn=spec.model.per_step_bn, bn_stats=spec.model.per_step_bn_stats,
+                   checkpoint=spec.inner.checkpoint, msl_weights=weights)
 
     @property
     def general(self) -> bool:
         """Whether these options need this module's loop (else plain MAML, and its fast paths)."""
-        return (self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.checkpoint
-                or self.msl_weights is not None)
+        return (self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.bn_stats
+                or self.checkpoint or self.msl_weights is not None)
 
     @property
     def learned_inner(self) -> bool:
         """Whether adaptation itself differs from plain SGD on every parameter (evaluation, the service)."""
-        return self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn
+        return self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.bn_stats
 
     def weights(self) -> tuple[float, ...]:
         """The query loss weight after each of the S steps."""
@@ -138,6 +162,11 @@ def schedule(spec, iteration: int) -> tuple[str, MetaOptions | None]:
 # ------------------------------------------------------------------------------------- model state
 
 
+def batchnorm_modules(model: nn.Module) -> list[str]:
+    """The names of every BatchNorm layer (affine or not), in ``named_modules`` order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def is_learned(name: str) -> bool:
     """Whether a parameter name is one of the learned inner-loop pieces (not a weight of the model)."""
     return name.startswith((LR_PREFIX + ".", BN_PREFIX + "."))
@@ -173,8 +202,9 @@ def adapted_names(model: nn.Module, adapt: Adapt, per_step_bn: bool) -> list[str
     return names
 
 
-def _put(root: nn.Module, name: str, value: nn.Parameter) -> None:
-    """Register ``value`` under the dotted ``name`` below ``root`` (plain modules in between)."""
+def _put(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Register ``value`` under the dotted ``name`` below ``root`` (plain modules in between): a
+    parameter, or a buffer if it is a plain tensor."""
     *path, leaf = name.split(".")
     node = root
     for part in path:
@@ -183,14 +213,21 @@ def _put(root: nn.Module, name: str, value: nn.Parameter) -> None:
             child = nn.Module()
             node.add_module(part, child)
         node = child
-    node.register_parameter(leaf, value)
+    if isinstance(value, nn.Parameter):
+        node.register_parameter(leaf, value)
+    else:
+        node.register_buffer(leaf, value)
 
 
 def attach(model: nn.Module, *, steps: int, lr: float, learn_lr: LearnLR = "none", adapt: Adapt = "all",
-           per_step_bn: bool = False) -> nn.Module:
-    """Add the learned inner-loop pieces to ``model`` as parameters (see the module's docstring);
-    ``model`` itself, unchanged when no option asks for any."""
+           per_step_bn: bool = False, bn_stats: bool = False) -> nn.Module:
+    """Add the learned inner-loop pieces to ``model`` as parameters, and the per-step running
+    statistics as buffers (see the module's docstring); ``model`` itself, unchanged when no option
+    asks for any. With ``bn_stats`` its BatchNorm layers become ``StepBatchNorm`` layers (the same
+    parameters, buffers and names)."""
     base = dict(model.named_parameters())
+    if bn_stats:
+        _attach_stats(model, steps)
     if per_step_bn:
         bn = batchnorm_names(model)
         if not bn:
@@ -212,7 +249,7 @@ def attach(model: nn.Module, *, steps: int, lr: float, learn_lr: LearnLR = "none
 def attach_for(model: nn.Module, spec) -> nn.Module:
     """``attach`` with a job spec's options."""
     return attach(model, steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr,
-                  adapt=spec.inner.adapt, per_step_bn=spec.model.per_step_bn)
+                  adapt=spec.inner.adapt, per_step_bn=spec.model.per_step_bn, bn_stats=spec.model.per_step_bn_stats)
 
 
 class LearnedPieces(nn.Module):
@@ -234,6 +271,133 @@ def _holder(model: nn.Module, prefix: str) -> nn.Module:
     return holder
 
 
+# ------------------------------------------------------------------------------- running statistics
+
+
+@dataclass
+class _Recorder:
+    """The batch statistics of one task's forward passes: (row, input, layer) -> (mean, var), the
+    first pass of each kept (a recomputed pass, checkpointing's, sees the same)."""
+
+    seen: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, row: int, source: int, layer: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.seen.setdefault((row, source, layer), (mean, var))
+
+    def result(self, layers: list[str], rows: int) -> Params:
+        """Per layer, ``(rows, channels)`` means and variances: each row the mean over its passes."""
+        out: Params = {}
+        for layer in layers:
+            for i, kind in enumerate(("mean", "var")):
+                per_row = []
+                for row in range(rows):
+                    values = [v[i] for (r, _, name), v in self.seen.items() if r == row and name == layer]
+                    if not values:
+                        raise RuntimeError(f"model.per_step_bn_stats: no forward pass of '{layer}' after {row} "
+                                           "inner steps")
+                    per_row.append(torch.stack(values).mean(0))
+                out[f"{STATS_PREFIX}.{layer}.{kind}"] = torch.stack(per_row)
+        return out
+
+
+# Set while one of the inner loop's forward passes runs: (recorder, row, id of the input batch).
+_RECORDING: ContextVar[tuple[_Recorder, int, int] | None] = ContextVar("maml_bn_recording", default=None)
+
+
+class StepBatchNorm:
+    """What a BatchNorm layer of a model with per-step running statistics adds to its class.
+
+    Given ``step_mean`` and ``step_var`` (buffers that are None in the module itself: a forward pass
+    passes them, ``torch.func.functional_call`` swaps them in), it normalises with them. Otherwise
+    it is the layer it was, and records its input's batch statistics while an inner loop records.
+    """
+
+    stats_key: str
+    step_mean: torch.Tensor | None
+    step_var: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mean is not None and self.step_var is not None:
+            return F.batch_norm(x, self.step_mean, self.step_var, self.weight, self.bias,  # type: ignore[attr-defined]
+                                training=False, eps=self.eps)  # type: ignore[attr-defined]
+        recording = _RECORDING.get()
+        if recording is not None:
+            recorder, row, source = recording
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=1)
+            recorder.add(row, source, self.stats_key, mean, var)
+        return super().forward(x)  # type: ignore[misc]
+
+
+class StepBatchNorm1d(StepBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class StepBatchNorm2d(StepBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class StepBatchNorm3d(StepBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_STEP_CLASSES = {nn.BatchNorm1d: StepBatchNorm1d, nn.BatchNorm2d: StepBatchNorm2d, nn.BatchNorm3d: StepBatchNorm3d}
+
+
+def _attach_stats(model: nn.Module, steps: int) -> None:
+    layers = batchnorm_modules(model)
+    if not layers:
+        raise ModelError("model.per_step_bn_stats", "the model has no BatchNorm layer")
+    holder = _holder(model, STATS_PREFIX)
+    for name in layers:
+        module = model.get_submodule(name)
+        cls = _STEP_CLASSES.get(type(module))
+        if cls is None:
+            raise ModelError("model.per_step_bn_stats", f"layer '{name}' is a {type(module).__name__}; per-step "
+                             "statistics take nn.BatchNorm1d, 2d or 3d")
+        module.__class__ = cls
+        module.stats_key = name
+        module.register_buffer("step_mean", None)
+        module.register_buffer("step_var", None)
+        like = next(module.parameters(), None)
+        kind = dict(dtype=like.dtype, device=like.device) if like is not None else {}
+        _put(holder, f"{name}.mean", torch.zeros(steps + 1, module.num_features, **kind))
+        _put(holder, f"{name}.var", torch.ones(steps + 1, module.num_features, **kind))
+    holder.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+
+def stats_buffers(model: nn.Module) -> Params:
+    """The running statistics that meta-iterations average (``bn_stats.<layer>.mean``, ``.var``):
+    empty without per-step BatchNorm statistics."""
+    return {n: b for n, b in model.named_buffers()
+            if n.startswith(STATS_PREFIX + ".") and n.endswith((".mean", ".var"))}
+
+
+def update_running_stats(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """Fold one meta-iteration's mean batch statistics (the aggregated ``bn_stats.*`` entries of the
+    task results) into the model's running statistics; a no-op without them."""
+    running = stats_buffers(model)
+    if not running:
+        return
+    updates = model.get_buffer(f"{STATS_PREFIX}.updates")
+    weight = max(BN_STATS_MOMENTUM, 1.0 / (int(updates) + 1))
+    with torch.no_grad():
+        for n, b in running.items():
+            b.mul_(1.0 - weight).add_(batch[n].to(dtype=b.dtype, device=b.device), alpha=weight)
+        updates.add_(1)
+
+
+def step_statistics(buffers: Params, layers: list[str], step: int, steps: int) -> Params:
+    """The running statistics of the forward pass after ``step`` inner steps, as ``StepBatchNorm``
+    takes them (``<layer>.step_mean``, ``.step_var``); steps past the trained ones reuse the last row."""
+    row = min(step, steps)
+    out: Params = {}
+    for layer in layers:
+        out[f"{layer}.step_mean"] = buffers[f"{STATS_PREFIX}.{layer}.mean"][row]
+        out[f"{layer}.step_var"] = buffers[f"{STATS_PREFIX}.{layer}.var"][row]
+    return out
+
+
 # ------------------------------------------------------------------------------------- the inner loop
 
 
@@ -249,7 +413,9 @@ class Unroll:
     """One task's inner loop under ``options``: the forward pass after ``s`` steps, one step, the losses.
 
     ``theta`` holds every parameter (the model's and the learned pieces), as leaves that require
-    grad when ``track`` (meta-training) and detached otherwise (adaptation at evaluation).
+    grad when ``track`` (meta-training) and detached otherwise (adaptation at evaluation). With
+    per-step BatchNorm statistics, a tracking loop records every forward pass's batch statistics
+    (``stats()``); passes with ``record=False`` (metrics only) are left out.
     """
 
     def __init__(self, model: nn.Module, params: Params, buffers: Params, options: MetaOptions, loss: LossName,
@@ -260,13 +426,17 @@ class Unroll:
         self.model_names = [n for n in params if not is_learned(n)]
         self.names = adapted_names(model, options.adapt, options.per_step_bn)
         self.bn = batchnorm_names(model) if options.per_step_bn else []
+        self.stats_layers = batchnorm_modules(model) if options.bn_stats else []
+        self.recorder = _Recorder() if options.bn_stats and track else None
+        self.buffers = buffers
         self.forward = Forward(model, buffers)
         self.head: tuple[str, nn.Linear] | None = None
         # ANIL on a model whose output is its head's (Conv4, the MLP): the body runs once per input
         # and BatchNorm set, not once per step. Off when checkpointing (it would keep the graph).
         if options.adapt == "head" and type(model) in (Conv4, MLP) and not options.checkpoint:
             self.head = head_module(model)
-        self._features: dict[tuple[int, int], torch.Tensor] = {}
+        # (input, step key) -> the body's features and the batch statistics of their pass
+        self._features: dict[tuple[int, int], tuple[torch.Tensor, _Recorder]] = {}
 
     def lr(self, name: str, step: int) -> torch.Tensor | float:
         """The learning rate of ``name`` at inner step ``step`` (0-based)."""
@@ -286,13 +456,42 @@ class Unroll:
                 p[n] = self.theta[f"{BN_PREFIX}.{n}"][row]
         return p
 
-    def output(self, fast: Params, step: int, x: torch.Tensor) -> torch.Tensor:
+    def running(self, step: int) -> Params:
+        """The running statistics for a prediction after ``step`` steps (empty without them)."""
+        return step_statistics(self.buffers, self.stats_layers, step, self.options.steps)
+
+    def stats(self) -> Params:
+        """The batch statistics this task's recorded passes saw, per layer ``(steps + 1, channels)``."""
+        assert self.recorder is not None
+        return self.recorder.result(self.stats_layers, self.options.steps + 1)
+
+    @contextlib.contextmanager
+    def _recording(self, recorder: _Recorder | None, step: int, x: torch.Tensor) -> Iterator[None]:
+        if recorder is None:
+            yield
+            return
+        token = _RECORDING.set((recorder, min(step, self.options.steps), id(x)))
+        try:
+            yield
+        finally:
+            _RECORDING.reset(token)
+
+    def output(self, fast: Params, step: int, x: torch.Tensor, *, record: bool = True) -> torch.Tensor:
+        recorder = self.recorder if record else None
         if self.head is None:
-            return self.forward(self.full(fast, step), x)
+            with self._recording(recorder, step, x):
+                return self.forward(self.full(fast, step), x)
         key = (id(x), min(step, self.options.steps) if self.bn else 0)
-        features = self._features.get(key)
-        if features is None:
-            features = self._features[key] = self._body(fast, step, x)
+        cached = self._features.get(key)
+        if cached is None:
+            seen = _Recorder()
+            with self._recording(seen if self.recorder is not None else None, 0, x):
+                body = self._body(fast, step, x)
+            cached = self._features[key] = (body, seen)
+        features, seen = cached
+        if recorder is not None:  # the body's pass at this step is the cached one: its statistics too
+            for (_, source, layer), (mean, var) in seen.seen.items():
+                recorder.add(min(step, self.options.steps), source, layer, mean, var)
         name, module = self.head
         prefix = f"{name}." if name else ""
         bias = fast.get(prefix + "bias") if module.bias is not None else None
@@ -313,8 +512,9 @@ class Unroll:
             handle.remove()
         raise RuntimeError("inner.adapt: the model's forward never reached its head")
 
-    def loss(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.output(fast, step, x)
+    def loss(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor, *,
+             record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.output(fast, step, x, record=record)
         return self.loss_fn(out, y), out
 
     def step(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor, *,
@@ -342,7 +542,9 @@ def task_meta_gradient(
     before: bool = True,
 ) -> tuple[Params, dict[str, float]]:
     """One task's meta-gradient with respect to every parameter in ``params`` (the learned pieces
-    included), and its metrics (those of ``workers.maml.maml_task``).
+    included), and its metrics (those of ``workers.maml.maml_task``). With per-step BatchNorm
+    statistics, the result also holds this task's batch statistics under the names of the running
+    ones (``bn_stats.<layer>.mean``, ``.var``; ``update_running_stats`` takes their mean).
 
     The meta-objective is ``sum_s w_s L_query(theta_s)`` over the steps s = 1..S (``options.weights()``:
     the last step's loss only unless the multi-step loss is on). ``first_order`` treats the inner
@@ -351,11 +553,11 @@ def task_meta_gradient(
     unroll = Unroll(model, params, buffers, options, loss)
     classification = loss == "cross_entropy"
     metrics: dict[str, float] = {}
-    if before:
+    if before:  # a metric, not a pass of the objective: its batch statistics are not recorded
         with torch.no_grad():
-            out0 = unroll.output(unroll.initial(), 0, task.x_query) if unroll.head is None else None
+            out0 = unroll.output(unroll.initial(), 0, task.x_query, record=False) if unroll.head is None else None
         if out0 is None:  # ANIL: the query features are computed once, with their graph, and kept
-            out0 = unroll.output(unroll.initial(), 0, task.x_query).detach()
+            out0 = unroll.output(unroll.initial(), 0, task.x_query, record=False).detach()
         metrics["meta/loss_before"] = unroll.loss_fn(out0, task.y_query).item()
         if classification:
             metrics["meta/accuracy_before"] = accuracy(out0, task.y_query)
@@ -366,6 +568,8 @@ def task_meta_gradient(
     metrics["meta/loss"] = final_loss.item()
     if classification:
         metrics["meta/accuracy"] = accuracy(final_out, task.y_query)
+    if unroll.recorder is not None:
+        grads.update(unroll.stats())  # averaged over the meta-batch like the gradients
     return grads, metrics
 
 
@@ -472,9 +676,10 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
           options: MetaOptions, loss: LossName, should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Params, float], None] | None = None) -> tuple[Params, float, float]:
     """``steps`` steps of the learned inner loop on (x, y): the adapted model parameters (for the
-    forward pass after ``steps`` steps: the BatchNorm weights of that step included, the learned
-    pieces left out), and the loss before and after. ``on_step(k, params_k, loss_k)``, if given, sees
-    the same for k = 0, 1, ..., ``steps`` (one more forward per step, for the loss)."""
+    forward pass after ``steps`` steps: the BatchNorm weights and running statistics of that step
+    included, the learned pieces left out), and the loss on (x, y) before and after (with batch
+    statistics, as the steps take it). ``on_step(k, params_k, loss_k)``, if given, sees the same for
+    k = 0, 1, ..., ``steps`` (one more forward per step, for the loss)."""
     options = replace(options, checkpoint=False, msl_weights=None)
     unroll = Unroll(model, params, buffers, options, loss, track=False)
     fast = unroll.initial()
@@ -484,7 +689,7 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
         if on_step is not None:
             with torch.no_grad():
                 value = before if s == 0 else unroll.loss(fast, s, x, y)[0].item()
-                on_step(s, {n: p.detach() for n, p in unroll.full(fast, s).items()}, value)
+                on_step(s, {**{n: p.detach() for n, p in unroll.full(fast, s).items()}, **unroll.running(s)}, value)
         if s and should_stop is not None and should_stop():
             raise Stopped(s)
         leaf = {n: p.detach().requires_grad_() for n, p in fast.items()}
@@ -492,7 +697,7 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
         fast = {n: p.detach() for n, p in new.items()}
     with torch.no_grad():
         after = unroll.loss(fast, steps, x, y)[0].item() if steps else before
-        adapted = {n: p.detach() for n, p in unroll.full(fast, steps).items()}
+        adapted = {**{n: p.detach() for n, p in unroll.full(fast, steps).items()}, **unroll.running(steps)}
     if on_step is not None:
         on_step(steps, adapted, after)
     return adapted, before, after

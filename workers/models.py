@@ -102,6 +102,8 @@ def build_model(
     if spec.per_step_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
                                     for m in model.modules()):
         raise ModelError("model.per_step_bn", "the model has no BatchNorm layer with weights")
+    if spec.per_step_bn_stats and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ModelError("model.per_step_bn_stats", "the model has no BatchNorm layer")
     return model
 
 

@@ -127,6 +127,10 @@ class ModelSpec(_Spec):
     per_step_bn: bool = Field(
         False, description="MAML++: per inner step BatchNorm weights and biases, meta-learned (not adapted in "
         "the inner loop); needs a model with BatchNorm (conv4)")
+    per_step_bn_stats: bool = Field(
+        False, description="MAML++: per inner step BatchNorm running statistics, accumulated over meta-training "
+        "(all-reduced like the gradients); adaptation and evaluation normalise each prediction with those of "
+        "its step, so a query item's output does not depend on the other query items; needs BatchNorm")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -246,7 +250,8 @@ class JobSpec(_Spec):
         options = [("inner.learn_lr", inner.learn_lr != "none"), ("inner.adapt", inner.adapt != "all"),
                    ("inner.checkpoint", inner.checkpoint), ("outer.multi_step_loss", outer.multi_step_loss),
                    ("outer.first_order_iterations", outer.first_order_iterations > 0),
-                   ("model.per_step_bn", self.model.per_step_bn)]
+                   ("model.per_step_bn", self.model.per_step_bn),
+                   ("model.per_step_bn_stats", self.model.per_step_bn_stats)]
         for field, used in options:
             if used and self.algorithm not in gradient_based:
                 raise ValueError(f"{field}: only with algorithm 'maml' or 'fomaml' (Reptile takes no "
@@ -264,9 +269,11 @@ class JobSpec(_Spec):
         if inner.checkpoint and inner.adapt == "head":
             raise ValueError("inner.checkpoint: not with inner.adapt 'head' (ANIL's inner graph is the head's, "
                              "already small)")
-        if self.model.per_step_bn and self.model.name == "mlp":
-            raise ValueError("model.per_step_bn: the mlp has no BatchNorm (use conv4, or a factory model with "
-                             "BatchNorm layers)")
+        for field, used in (("per_step_bn", self.model.per_step_bn),
+                            ("per_step_bn_stats", self.model.per_step_bn_stats)):
+            if used and self.model.name == "mlp":
+                raise ValueError(f"model.{field}: the mlp has no BatchNorm (use conv4, or a factory model with "
+                                 "BatchNorm layers)")
 
     @property
     def meta_lr_schedule(self) -> Literal["constant", "linear", "cosine"]:
@@ -278,7 +285,7 @@ class JobSpec(_Spec):
         """Whether any MAML++ / Meta-SGD / ANIL option is on (the general per-task inner loop)."""
         inner, outer = self.inner, self.outer
         return (inner.learn_lr != "none" or inner.adapt != "all" or inner.checkpoint or outer.multi_step_loss
-                or outer.first_order_iterations > 0 or self.model.per_step_bn)
+                or outer.first_order_iterations > 0 or self.model.per_step_bn or self.model.per_step_bn_stats)
 
     def _resolve_rl_defaults(self) -> None:
         """RL takes the paper's own defaults where the spec left a field out (written into the spec,

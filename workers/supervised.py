@@ -22,7 +22,7 @@ from workers.engine import shard_meta_gradient
 from workers.errors import NonFiniteLossError, TrainingError, WorkerError
 from workers.evaluation import meta_test
 from workers.inner import Params
-from workers.mamlpp import MetaOptions, attach_for, lr_factor, schedule
+from workers.mamlpp import MetaOptions, attach_for, lr_factor, schedule, stats_buffers, update_running_stats
 from workers.models import build_model
 from workers.raygroup import Worker
 from workers.spec import JobSpec
@@ -77,6 +77,19 @@ def make_optimizer(spec: JobSpec, params: Iterable[nn.Parameter]) -> tuple[torch
     return opt, lr_schedule
 
 
+def averaged(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a meta-iteration averages over the meta-batch, by name (for its shapes): a gradient for
+    every parameter, and the batch statistics of per-step BatchNorm running statistics, if any."""
+    return {**dict(model.named_parameters()), **stats_buffers(model)}
+
+
+def meta_update(model: nn.Module, parameters: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                means: Params) -> None:
+    """The meta-optimizer step with the mean gradients, and the running statistics' update."""
+    apply_meta_update(parameters, optimizer, means)
+    update_running_stats(model, means)
+
+
 def device_for(spec: JobSpec) -> torch.device:
     return torch.device("cuda" if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
 
@@ -104,8 +117,9 @@ class ShardWorker(Worker):
                                                  allowed_modules=allowed_modules)
         self.model.to(self.device)
         self.loss = self.family.loss
-        self.names = [n for n, _ in self.model.named_parameters()]
         self.parameters = dict(self.model.named_parameters())
+        self.averaged = averaged(self.model)
+        self.names = list(self.averaged)
 
     def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], iteration: int) -> None:
         """The driver's state (a fresh or a resumed run) before the first ``train_step``; only a
@@ -124,7 +138,8 @@ class ShardWorker(Worker):
         workers' (``aggregator.allreduce_mean``) and the same meta-optimizer step on every worker."""
         params = {k: v.detach() for k, v in self.parameters.items()}
         buffers = {k: v.detach() for k, v in self.model.named_buffers()}
-        flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch_dtype(self.spec), device=self.device)
+        flat = torch.zeros(sum(p.numel() for p in self.averaged.values()), dtype=torch_dtype(self.spec),
+                           device=self.device)
         metrics: dict[str, float] = {}
         count, error = 0, None
         try:
@@ -139,10 +154,10 @@ class ShardWorker(Worker):
         except Exception as exc:
             error = WorkerError(f"{type(exc).__name__}: {exc}")
         mean_flat, metrics, count = allreduce_mean(flat, metrics, count, error)
-        grads = unflatten(mean_flat, params)
+        grads = unflatten(mean_flat, self.averaged)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise NonFiniteLossError("non-finite meta-gradient")
-        apply_meta_update(self.parameters, self.optimizer, grads)
+        meta_update(self.model, self.parameters, self.optimizer, grads)
         self.schedule.step()
         metrics["meta/lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics, count
@@ -173,6 +188,7 @@ class SupervisedProgram:
                                          allowed_modules=allowed_modules)
         self.module.to(self.device)
         self.parameters = dict(self.module.named_parameters())
+        self.averaged = averaged(self.module)
         self.optimizer, self.schedule = make_optimizer(spec, self.parameters.values())
         self.stale = False  # the workers of a collective group are ahead of the driver's copy
         self.worker_context = dict(data_root=str(data_root) if data_root else None,
@@ -217,13 +233,13 @@ class SupervisedProgram:
         for flat, metrics, count in group.call("compute", shared, iteration, before):
             s = GradientSum()
             if count:
-                s.grads = {k: v.to(self.device) for k, v in unflatten(flat, params).items()}
+                s.grads = {k: v.to(self.device) for k, v in unflatten(flat, self.averaged).items()}
             s.metrics, s.count = metrics, count
             sums.append(s)
         grads, metrics, count = mean(sums)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise TrainingError(f"non-finite meta-gradient at iteration {iteration}", iteration)
-        apply_meta_update(self.parameters, self.optimizer, grads)
+        meta_update(self.module, self.parameters, self.optimizer, grads)
         self.schedule.step()
         metrics["meta/lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics, count
