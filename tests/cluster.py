@@ -1,7 +1,8 @@
-"""The production topology as local processes, for ``test_topology.py`` and ``benchmarks/topology.py``:
-an external Ray cluster (``ray start --head``) and API replicas (uvicorn processes) joining it, on
-one database and one data folder. Each runs in a process group of its own, so ``kill -9`` takes
-it and everything it started, as a lost pod would."""
+"""The service as real local processes, for the end-to-end tests and ``benchmarks/topology.py``: one
+server with its embedded Ray (``serve``), or the production topology, an external Ray cluster
+(``ray start --head``) and API replicas (uvicorn processes) joining it, on one database and one
+data folder. Each runs in a process group of its own, so ``kill -9`` takes it and everything it
+started, as a lost pod would."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,68 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def uvicorn_argv(port: int) -> list[str]:
+    """The API app factory under uvicorn, as the container runs it."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning"]
+
+
+def maml_serve_argv(data_dir: Path) -> Callable[[int], list[str]]:
+    """``maml serve`` (the console script of this environment) on a data folder, as a user runs it."""
+    return lambda port: [str(Path(sys.executable).parent / "maml"), "serve", "--port", str(port),
+                         "--data-dir", str(data_dir)]
+
+
+def start_server(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """A server process in a session of its own (its Ray processes join its group), logging to ``log_path``."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, *, timeout: float = 180) -> None:
+    """Until ``{base}/readyz`` answers 200 (starting Ray takes a while on a busy machine);
+    ``ClusterError`` with the server's log if it exits or is not ready in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ClusterError(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the server was not ready in {timeout:g} s:\n{log_path.read_text()}")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen, *, wait_s: float = 60) -> None:
+    """SIGINT (a graceful shutdown), then kill -9 of what is left of its group: Ray's agents can
+    outlive the server."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(proc)
+    proc.wait(10)
+
+
+@contextmanager
+def serve(env: dict[str, str], log_path: Path, argv: Callable[[int], list[str]] = uvicorn_argv) -> Iterator[str]:
+    """One server (its embedded Ray unless ``env`` names a cluster) on a free port: its base URL
+    once it is ready; stopped on exit. ``env`` is the whole environment of the process."""
+    port = free_port()
+    proc = start_server(argv(port), env, log_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(proc, base, log_path)
+        yield base
+    finally:
+        stop_server(proc)
 
 
 @contextmanager
@@ -132,24 +195,11 @@ class Replicas:
 
     def start(self, name: str, **settings: str) -> str:
         port = free_port()
-        log = (self.root / f"{name}.log").open("w")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env={**self.env, **settings}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log_path = self.root / f"{name}.log"
+        self.procs[name] = start_server(uvicorn_argv(port), {**self.env, **settings}, log_path)
         self.bases[name] = base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if self.procs[name].poll() is not None:
-                raise ClusterError(f"replica {name} exited:\n{self.log(name)}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    return base
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ClusterError(f"replica {name} was not ready in time:\n{self.log(name)}")
-            time.sleep(0.3)
+        wait_ready(self.procs[name], base, log_path)
+        return base
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text()
@@ -161,13 +211,7 @@ class Replicas:
         proc.wait(30)
 
     def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_group(proc)
+        stop_server(self.procs.pop(name), wait_s=30)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

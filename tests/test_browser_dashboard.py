@@ -15,19 +15,15 @@ import json
 import math
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster import maml_serve_argv, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 ADMIN = "browser-admin-token-8d2e6f1a9c"
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.data,
@@ -48,52 +44,16 @@ NAV2D_TINY = {"name": "nav-tiny", "task": {"family": "nav2d", "rollouts": 4, "ho
               "eval": {"every": 2, "tasks": 2, "steps": 1}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, omniglot_root: Path) -> Iterator[str]:
     """``maml serve`` with its embedded Ray cluster, on a fresh data dir, reading the real Omniglot."""
     root = tmp_path_factory.mktemp("dashboard")
-    port = _free_port()
     env = {**os.environ, "MAML_ADMIN_TOKEN": ADMIN, "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2",
            "MAML_DATA_ROOT": str(omniglot_root), "MAML_DATA_ROOTS": str(omniglot_root), "RAY_ADDRESS": ""}
     for name in ("DATABASE_URL", "MAML_DATABASE_URL", "MAML_DATA_DIR"):
         env.pop(name, None)
-    log = (root / "server.log").open("w")
-    maml = Path(sys.executable).parent / "maml"  # the console script of this environment
-    proc = subprocess.Popen([str(maml), "serve", "--port", str(port), "--data-dir", str(root / "data")], cwd=REPO,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"maml serve exited with {proc.returncode}:\n{(root / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"maml serve was not ready in time:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with serve(env, root / "server.log", maml_serve_argv(root / "data")) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray's agents, in the server's session
-        except ProcessLookupError:
-            pass
-        log.close()
 
 
 def _key(server: str, tenant: str) -> str:

@@ -5,66 +5,25 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster import serve
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
 ADMIN = "e2e-admin-token-5c1d9e7a3b"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path: Path):
-    port = _free_port()
+def server(tmp_path: Path) -> Iterator[str]:
     env = {**os.environ, "MAML_DATA_DIR": str(tmp_path / "data"), "MAML_ADMIN_TOKEN": ADMIN,
            "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2", "RAY_ADDRESS": ""}
     env.pop("DATABASE_URL", None)
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # starting Ray takes a while on a busy machine
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in time:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with serve(env, tmp_path / "server.log") as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        # Ray's agents can outlive the server; they are in its process group (its own session).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
 
 
 def test_submit_train_on_ray_and_adapt_over_http(server: str) -> None:

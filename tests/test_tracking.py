@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster import maml_serve_argv, serve
 from fastapi.testclient import TestClient
 from helpers import SMALL_SINE, make_app, make_settings, submit, wait_for_job
 from mlflow.tracking import MlflowClient
@@ -146,31 +143,13 @@ def test_sweep_trials_are_runs_of_their_own(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_through_maml_serve_and_its_ray_drivers(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     admin = "tracking-admin-token-3e8c5a"
     uri = f"file:{tmp_path / 'mlruns'}"
     env = {**os.environ, "MAML_ADMIN_TOKEN": admin, "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2",
            "RAY_ADDRESS": "", "MAML_TENSORBOARD_DIR": str(tmp_path / "tb"), "MLFLOW_TRACKING_URI": uri}
     for name in ("DATABASE_URL", "MAML_DATABASE_URL", "MAML_DATA_DIR"):
         env.pop(name, None)
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "maml"), "serve", "--port", str(port), "--data-dir",
-                             str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
+    with serve(env, tmp_path / "server.log", maml_serve_argv(tmp_path / "data")) as base:
         secret = httpx.post(f"{base}/api/v1/keys", json={"tenant": "acme"},
                             headers={"Authorization": f"Bearer {admin}"}).json()["secret"]
         with httpx.Client(base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {secret}"}) as api:
@@ -180,17 +159,6 @@ def test_through_maml_serve_and_its_ray_drivers(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, done
                 time.sleep(0.5)
         assert done["status"] == "succeeded", done["error"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
     events = _events(tmp_path / "tb" / "acme" / f"job-{job['id']}")
     assert [e.step for e in events.Scalars("meta/loss")] == list(range(1, ITERATIONS + 1))
     mlflow = MlflowClient(tracking_uri=uri)
