@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import add_data_arguments
 from workers.evaluation import adapt, mean_ci95, predict
 from workers.mamlpp import MetaOptions
 from workers.run import Trainer
@@ -81,11 +82,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200, help="held-out tasks at meta-test")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="3 iterations, 5 tasks: a plumbing check")
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
-                        help="folder of the Omniglot zips, or its parent (default: $MAML_DATA_ROOT)")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"),
-                        help="decoded Omniglot cache (default: $MAML_CACHE_DIR, else ~/.cache/maml-service)")
+    add_data_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget, tasks = (0.0, 5) if args.quick else (args.cpu_seconds, args.tasks)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from typing import Any
 import httpx
 from sqlalchemy import insert
 
-from benchmarks.service import _free_port, machine_info
+from benchmarks.service import machine_info
 from service.config import Settings
 from service.db import Job, init_db, make_engine, new_id
 from workers.spec import JobSpec
@@ -44,6 +42,8 @@ ADMIN = "bench-admin-token-4b7d1e9a2c6f"
 TENANT = "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from cluster import maml_serve_argv, serve  # noqa: E402
 
 
 def seed(data_dir: Path, n: int) -> None:
@@ -67,44 +67,6 @@ def seed(data_dir: Path, n: int) -> None:
     with engine.begin() as connection:
         connection.execute(insert(Job), rows)
     engine.dispose()
-
-
-class Server:
-    def __init__(self, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MAML_ADMIN_TOKEN": ADMIN, "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2",
-               "RAY_ADDRESS": ""}
-        env.pop("DATABASE_URL", None)
-        env.pop("MAML_DATABASE_URL", None)
-        self.log = (data_dir.parent / "server.log").open("w")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "maml"), "serve", "--port", str(self.port),
-                                      "--data-dir", str(data_dir)], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"maml serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("maml serve was not ready in 180 s")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
 
 
 def first_paint(browser: Any, base: str, key: str, runs: int) -> dict[str, Any]:
@@ -248,17 +210,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="maml-dashboard-") as tmp:
         data_dir = Path(tmp) / "data"
         seed(data_dir, args.jobs)
-        server = Server(data_dir)
-        try:
-            key = httpx.post(f"{server.base}/api/v1/keys", json={"tenant": TENANT},
+        env = {**os.environ, "MAML_ADMIN_TOKEN": ADMIN, "MAML_RAY_NUM_CPUS": "2", "MAML_METRICS_FLUSH_S": "0.2",
+               "RAY_ADDRESS": ""}
+        env.pop("DATABASE_URL", None)
+        env.pop("MAML_DATABASE_URL", None)
+        with serve(env, data_dir.parent / "server.log", maml_serve_argv(data_dir)) as base:
+            key = httpx.post(f"{base}/api/v1/keys", json={"tenant": TENANT},
                              headers={"Authorization": f"Bearer {ADMIN}"}).json()["secret"]
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-                first_paint(browser, server.base, key, 2)  # warm the server (imports, SQLite pages)
+                first_paint(browser, base, key, 2)  # warm the server (imports, SQLite pages)
                 result: dict[str, Any] = {
                     "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
                     "machine": machine, "browser": browser.version, "jobs": args.jobs,
-                    "first_paint": first_paint(browser, server.base, key, 5 if args.quick else 10)}
+                    "first_paint": first_paint(browser, base, key, 5 if args.quick else 10)}
                 print(json.dumps(result["first_paint"]["summary"]), flush=True)
                 # About 10 iterations/s here: the paper's sinusoid MLP with a meta-batch of 700 tasks.
                 # 10,000 iterations: under MAML_MAX_METRIC_POINTS, so every iteration is a point of the stream.
@@ -270,12 +235,10 @@ def main() -> None:
                 for label, spec, seconds in (
                         ("sinusoid, meta-batch 700 (about 10 it/s)", slow, live_s if args.quick else args.slow_seconds),
                         ("sinusoid, meta-batch 4 (as fast as it trains)", fast, live_s)):
-                    result["live"][label] = live_curves(browser, server.base, key, spec, seconds)
+                    result["live"][label] = live_curves(browser, base, key, spec, seconds)
                     run = result["live"][label]
                     print(label, {k: v for k, v in run.items() if k not in ("samples", "spec")}, flush=True)
                 browser.close()
-        finally:
-            server.stop()
     write(result)
     print((RESULTS / "dashboard.md").read_text())
 

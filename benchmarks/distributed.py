@@ -31,6 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks import add_data_arguments
 from workers.raygroup import ensure_ray
 from workers.run import Trainer
 from workers.spec import JobSpec
@@ -54,11 +55,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8, help="timed iterations per configuration")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="meta-batch 4, 2 iterations")
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
-                        help="folder of the Omniglot zips, or its parent (default: $MAML_DATA_ROOT)")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"),
-                        help="decoded Omniglot cache (default: $MAML_CACHE_DIR, else ~/.cache/maml-service)")
+    add_data_arguments(parser)
     args = parser.parse_args()
     # Absolute: the Ray workers open the same folders from their own working directories.
     data_root = args.data_root.expanduser().resolve() if args.data_root else None

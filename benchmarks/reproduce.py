@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 
+from benchmarks import add_data_arguments
 from workers.evaluation import meta_test
 from workers.mamlpp import MetaOptions
 from workers.run import Trainer
@@ -575,11 +576,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap on each row's final meta-test (lowers N when needed; the table says so)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this machine is shared)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None,
-                        help="folder of the Omniglot zips, or its parent (default: $MAML_DATA_ROOT)")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"),
-                        help="decoded Omniglot cache (default: $MAML_CACHE_DIR, else ~/.cache/maml-service)")
+    add_data_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: seconds per row, 20 test tasks; writes reproduce.quick.*")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import add_data_arguments
 from benchmarks.reproduce import (
     Budget,
     Protocol,
@@ -194,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline", help="UTC HH:MM: start no row after it, and stop training at it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("MAML_DATA_ROOT") or None)
-    parser.add_argument("--cache-dir", type=Path,
-                        default=os.environ.get("MAML_CACHE_DIR") or Path("~/.cache/maml-service"))
+    add_data_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: seconds per row; reproduce_mamlpp.quick.*")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON")

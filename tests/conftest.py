@@ -81,6 +81,18 @@ def omniglot_root() -> Path:
                 "omniglot/ folder", pytrace=False)
 
 
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    """float64 for a test's tensors and modules, restored after it (no leak into others); a module of
+    float64 reference tests takes it with ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="session")
 def dataset_cache() -> Path:
     """A cache of decoded data shared by test sessions: ``MAML_CACHE_DIR``, else ``~/.cache/maml-service``."""

@@ -22,13 +22,7 @@ from workers.tasks.base import Task
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """float64 for this module's tensors and modules, restored after each test (no leak into others)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _regression_task(gen: torch.Generator, d: int = 3, n: int = 6) -> Task:

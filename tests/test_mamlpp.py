@@ -38,15 +38,11 @@ from workers.tasks.base import Task
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-def _bn_net() -> nn.Module:
+def bn_net() -> nn.Module:
+    """Linear, BatchNorm (batch statistics), tanh, Linear: 2 -> 5 -> 3, seeded, float64."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(),
                          nn.Linear(5, 3)).to(DT)
@@ -105,7 +101,7 @@ def test_msl_weights_follow_maml_plus_plus() -> None:
 
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_multi_step_loss_equals_weighted_sum_of_step_losses(checkpoint: bool) -> None:
-    model = _bn_net()
+    model = bn_net()
     params, buffers = split_state(model)
     task, steps, alpha = _task(), 3, 0.3
     weights = (0.2, 0.3, 0.5)
@@ -132,7 +128,7 @@ def test_multi_step_loss_equals_weighted_sum_of_step_losses(checkpoint: bool) ->
 def test_public_meta_gradient_takes_the_options() -> None:
     from workers import meta_gradient
 
-    model = attach(_bn_net(), steps=2, lr=0.2, learn_lr="per_parameter")
+    model = attach(bn_net(), steps=2, lr=0.2, learn_lr="per_parameter")
     params, buffers = split_state(model)
     tasks = [_task(7), _task(8)]
     grads, metrics = meta_gradient(model, [tuple(t) for t in tasks], algorithm="maml", inner_steps=2, inner_lr=0.2,
@@ -146,7 +142,7 @@ def test_public_meta_gradient_takes_the_options() -> None:
 
 
 def test_first_order_general_loop_equals_fomaml() -> None:
-    model = _bn_net()
+    model = bn_net()
     params, buffers = split_state(model)
     task = _task(3)
     ours, _ = task_meta_gradient(model, params, buffers, task, options=MetaOptions(steps=2, lr=0.2, checkpoint=True),
@@ -173,7 +169,7 @@ def _objective(model: nn.Module, theta: dict[str, torch.Tensor], task: Task, ste
 @pytest.mark.parametrize("kind", ["per_layer_per_step", "per_parameter"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_learned_lr_gradients_match_finite_differences(kind: str, first_order: bool) -> None:
-    model = attach(_bn_net(), steps=2, lr=0.2, learn_lr=kind)
+    model = attach(bn_net(), steps=2, lr=0.2, learn_lr=kind)
     _perturb(model)
     params, buffers = split_state(model)
     lr_names = [n for n in params if n.startswith(LR_PREFIX)]
@@ -221,7 +217,7 @@ def test_learned_lr_gradients_match_finite_differences(kind: str, first_order: b
 def test_anil_equals_maml_with_body_inner_updates_masked(first_order: bool, features_once: bool) -> None:
     torch.manual_seed(0)
     # MLP: the body's features computed once per task (the fast ANIL); Sequential: full forwards.
-    model = (MLP(2, (5, 4), 3) if features_once else _bn_net()).to(DT)
+    model = (MLP(2, (5, 4), 3) if features_once else bn_net()).to(DT)
     head = ("net.4." if features_once else "3.")
     params, buffers = split_state(model)
     task = _task(2)
@@ -306,7 +302,7 @@ def test_per_step_batchnorm_uses_each_steps_weights() -> None:
     """Explicit reference: y = W2 tanh(BN_s(W1 x + b1)) + b2, with BN_s's weight and bias those of
     step s (the model's own at s = 0, row s - 1 of bn_step after), not adapted by the inner loop."""
     steps, alpha = 3, 0.3
-    model = attach(_bn_net(), steps=steps, lr=alpha, learn_lr="per_layer_per_step", per_step_bn=True)
+    model = attach(bn_net(), steps=steps, lr=alpha, learn_lr="per_layer_per_step", per_step_bn=True)
     _perturb(model, seed=4)
     params, buffers = split_state(model)
     assert params[f"{BN_PREFIX}.1.weight"].shape == (steps, 5)

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mamlpp import bn_net
 from torch import nn
 from torch.func import functional_call
 
@@ -32,18 +33,7 @@ DT = torch.float64
 STEPS, ALPHA = 3, 0.3
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(),
-                         nn.Linear(5, 3)).to(DT)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _task(seed: int = 0) -> Task:
@@ -112,8 +102,8 @@ def _reference_stats(net: nn.Module, task: Task, *, steps: int, lr: float, query
 def test_each_task_reports_the_batch_statistics_of_every_step(options: dict, query_rows: set[int],
                                                              adapt_only: set[str] | None, first_order: bool) -> None:
     task = _task()
-    reference = _reference_stats(_net(), task, steps=STEPS, lr=ALPHA, query_rows=query_rows, adapt_only=adapt_only)
-    model = attach(_net(), steps=STEPS, lr=ALPHA, bn_stats=True, learn_lr=options.get("learn_lr", "none"),
+    reference = _reference_stats(bn_net(), task, steps=STEPS, lr=ALPHA, query_rows=query_rows, adapt_only=adapt_only)
+    model = attach(bn_net(), steps=STEPS, lr=ALPHA, bn_stats=True, learn_lr=options.get("learn_lr", "none"),
                    adapt=options.get("adapt", "all"))
     params, buffers = split_state(model)
     meta = MetaOptions(steps=STEPS, lr=ALPHA, bn_stats=True, **options)
@@ -154,9 +144,9 @@ def test_anil_on_conv4_reports_the_statistics_of_its_once_computed_features(msl)
 def test_recording_leaves_the_meta_gradient_unchanged(options: dict) -> None:
     """Meta-training normalises with batch statistics either way: the same gradients, bit for bit."""
     task = _task(3)
-    plain = attach(_net(), steps=STEPS, lr=ALPHA, learn_lr=options.get("learn_lr", "none"),
+    plain = attach(bn_net(), steps=STEPS, lr=ALPHA, learn_lr=options.get("learn_lr", "none"),
                    adapt=options.get("adapt", "all"))
-    with_stats = attach(_net(), steps=STEPS, lr=ALPHA, bn_stats=True, learn_lr=options.get("learn_lr", "none"),
+    with_stats = attach(bn_net(), steps=STEPS, lr=ALPHA, bn_stats=True, learn_lr=options.get("learn_lr", "none"),
                         adapt=options.get("adapt", "all"))
     expected, m1 = task_meta_gradient(plain, *split_state(plain), task, loss="cross_entropy",
                                       options=MetaOptions(steps=STEPS, lr=ALPHA, **options))
@@ -169,7 +159,7 @@ def test_recording_leaves_the_meta_gradient_unchanged(options: dict) -> None:
 
 def test_running_statistics_average_then_decay() -> None:
     """A cumulative average over the first 1 / momentum iterations, then an exponential one."""
-    model = attach(_net(), steps=2, lr=ALPHA, bn_stats=True)
+    model = attach(bn_net(), steps=2, lr=ALPHA, bn_stats=True)
     name = f"{STATS_PREFIX}.1.mean"
     assert set(stats_buffers(model)) == {name, f"{STATS_PREFIX}.1.var"}
     torch.testing.assert_close(model.get_buffer(name), torch.zeros(3, 5))
@@ -201,7 +191,7 @@ def test_predictions_use_their_steps_running_statistics_item_by_item(steps: int)
     """After k adaptation steps (with batch statistics on the support set, as in training), each
     query item is normalised with row min(k, S): alone or in a batch, the same output."""
     trained = 3
-    model = attach(_net(), steps=trained, lr=ALPHA, bn_stats=True)
+    model = attach(bn_net(), steps=trained, lr=ALPHA, bn_stats=True)
     gen = torch.Generator().manual_seed(2)
     model.get_buffer(f"{STATS_PREFIX}.1.mean").copy_(torch.randn(trained + 1, 5, generator=gen))
     model.get_buffer(f"{STATS_PREFIX}.1.var").copy_(torch.rand(trained + 1, 5, generator=gen) + 0.5)
@@ -211,7 +201,7 @@ def test_predictions_use_their_steps_running_statistics_item_by_item(steps: int)
     adapted, _, _ = adapt(model, params, buffers, task.x_support, task.y_support, steps=steps, lr=ALPHA,
                           loss="cross_entropy", meta=meta)
     # The same steps without the option (batch statistics throughout): the same weights.
-    plain = _net()
+    plain = bn_net()
     reference, _, _ = adapt(plain, *split_state(plain), task.x_support, task.y_support, steps=steps, lr=ALPHA,
                             loss="cross_entropy", fast=False)
     for k, v in reference.items():
@@ -278,12 +268,12 @@ def test_models_without_batchnorm_or_with_other_layers_are_refused() -> None:
 def test_the_statistics_travel_with_the_weights() -> None:
     """They are buffers of the model: in its state dict (checkpoints, the export, the weights
     endpoint), loaded back by a model built from the same spec."""
-    model = attach(_net(), steps=2, lr=ALPHA, bn_stats=True)
+    model = attach(bn_net(), steps=2, lr=ALPHA, bn_stats=True)
     update_running_stats(model, {f"{STATS_PREFIX}.1.mean": torch.full((3, 5), 2.0),
                                  f"{STATS_PREFIX}.1.var": torch.full((3, 5), 3.0)})
     state = model.state_dict()
     assert {f"{STATS_PREFIX}.1.mean", f"{STATS_PREFIX}.1.var", f"{STATS_PREFIX}.updates"} <= set(state)
     assert not any(k.endswith(("step_mean", "step_var")) for k in state)
-    again = attach(_net(), steps=2, lr=ALPHA, bn_stats=True)
+    again = attach(bn_net(), steps=2, lr=ALPHA, bn_stats=True)
     again.load_state_dict(state, strict=True)
     assert torch.equal(again.get_buffer(f"{STATS_PREFIX}.1.var"), torch.full((3, 5), 3.0))
