@@ -457,6 +457,14 @@ def test_sweeps_can_vary_each_option() -> None:
     with pytest.raises(ValidationError, match="inner.learn_lr"):  # a value no trial could run is refused
         SweepSpec.model_validate({**body, "base": {**body["base"], "algorithm": "reptile"},
                                   "space": {"inner.learn_lr": space["inner.learn_lr"]}})
+    # The BatchNorm options, on a model with BatchNorm.
+    bn_space = {"model.per_step_bn": {"grid": [False, True]}, "model.per_step_bn_stats": {"grid": [False, True]}}
+    bn_sweep = SweepSpec.model_validate({**body, "base": {"model": {"name": "conv4"}, "task": {"family": "omniglot"}},
+                                         "space": bn_space})
+    trial = apply_config(bn_sweep.base, {"model.per_step_bn": True, "model.per_step_bn_stats": True})
+    assert trial.model.per_step_bn and trial.model.per_step_bn_stats and trial.meta_options_used
+    with pytest.raises(ValidationError, match="model.per_step_bn_stats"):  # the mlp has no BatchNorm
+        SweepSpec.model_validate({**body, "space": {"model.per_step_bn_stats": bn_space["model.per_step_bn_stats"]}})
 
 
 # ------------------------------------------------------------------------------- training, shards, resume
