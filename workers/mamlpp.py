@@ -512,9 +512,8 @@ class Unroll:
             handle.remove()
         raise RuntimeError("inner.adapt: the model's forward never reached its head")
 
-    def loss(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor, *,
-             record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.output(fast, step, x, record=record)
+    def loss(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.output(fast, step, x)
         return self.loss_fn(out, y), out
 
     def step(self, fast: Params, step: int, x: torch.Tensor, y: torch.Tensor, *,
