@@ -37,6 +37,17 @@ def shared(settings: Settings) -> Iterator[tuple[Settings, object]]:
     engine.dispose()
 
 
+def run_to_the_end(settings: Settings, factory, run_fn, job_id: str) -> Job:
+    """One replica's manager runs the stored job ``job_id`` with ``run_fn``: its row once it has ended."""
+    manager = JobManager(settings=settings, session_factory=factory, run_fn=run_fn)
+    manager.start()
+    try:
+        manager.submit(job_id)
+        return wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
+    finally:
+        manager.stop()
+
+
 def test_a_job_two_replicas_are_told_about_is_trained_once(shared) -> None:
     settings, factory = shared
     calls: list[str] = []
@@ -150,14 +161,8 @@ def test_a_failed_metrics_write_keeps_the_points_and_the_job_succeeds(shared, mo
         return real(**kwargs)
 
     monkeypatch.setattr(jobs, "record_progress", flaky)
-    manager = JobManager(settings=settings, session_factory=factory, run_fn=in_process_runner)
-    manager.start()
-    try:
-        job_id = new_job(factory)
-        manager.submit(job_id)
-        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
-    finally:
-        manager.stop()
+    job_id = new_job(factory)
+    job = run_to_the_end(settings, factory, in_process_runner, job_id)
     assert failures["left"] == 0
     assert job.status == "succeeded" and job.error is None and job.iteration == 60
     with factory() as session:
@@ -180,14 +185,8 @@ def test_iterations_replayed_after_a_worker_group_restart_are_stored_once(shared
         return in_process_runner(spec, reporter=report, **kwargs)
 
     replayed: list[bool] = []
-    manager = JobManager(settings=settings, session_factory=factory, run_fn=restarts_at_30)
-    manager.start()
-    try:
-        job_id = new_job(factory)
-        manager.submit(job_id)
-        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
-    finally:
-        manager.stop()
+    job_id = new_job(factory)
+    job = run_to_the_end(settings, factory, restarts_at_30, job_id)
     assert job.status == "succeeded"
     with factory() as session:
         points = session.execute(select(JobMetric.iteration, JobMetric.metrics)
@@ -212,13 +211,7 @@ def test_every_point_up_to_a_checkpoint_is_stored_before_the_checkpoint(shared) 
                         select(func.count()).select_from(JobMetric).where(JobMetric.job_id == job_id)))
         return in_process_runner(spec, reporter=report, **kwargs)
 
-    manager = JobManager(settings=settings, session_factory=factory, run_fn=watching)
-    manager.start()
-    try:
-        job_id = new_job(factory)
-        manager.submit(job_id)
-        job = wait_for_row(factory, job_id, lambda j: j.status in TERMINAL)
-    finally:
-        manager.stop()
+    job_id = new_job(factory)
+    job = run_to_the_end(settings, factory, watching, job_id)
     assert job.status == "succeeded"
     assert stored_at_checkpoints == [20, 40, 60]
