@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import ADMIN_TOKEN, TERMINAL, make_app, make_image_folder, make_settings
 from sqlalchemy import create_engine, event, inspect
+from test_sweep_ray import ASHA_WITH_BROKEN_TRIALS
 
 from api.main import create_app
 from service import runs, sweeps
@@ -251,18 +252,7 @@ def test_asha_sweep_stops_early_survives_a_raising_trial_registers_and_adapts_th
         ray_cluster: None, tmp_path: Path) -> None:
     # As in test_sweep_ray: the grid runs good (outer.lr 0.001), broken, bad (outer.lr 0.1), broken; the bad
     # trial starts after a broken one failed, so the good one has reached ASHA's rungs first.
-    body = {
-        "name": "api-sweep",
-        "base": {"outer": {"iterations": 8, "meta_batch_size": 5}, "eval": {"every": 1, "tasks": 20, "steps": 5},
-                 "checkpoint": {"every": 4}},
-        "space": {
-            "model": {"grid": [{"name": "mlp"}, {"factory": "user_models:make_broken", "kwargs": {"mode": "raise"}}]},
-            "outer.lr": {"grid": [0.001, 0.1]},
-        },
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "num_samples": 1,
-        "max_concurrent_trials": 2,
-    }
+    body = {**ASHA_WITH_BROKEN_TRIALS, "name": "api-sweep"}
     with TestClient(create_app(ray_settings(tmp_path))) as client:
         acme = key_for(client, "acme")
         r = client.post(f"{API}/sweeps", json=body, headers=acme)

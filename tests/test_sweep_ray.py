@@ -13,6 +13,21 @@ pytestmark = pytest.mark.ray
 TESTS = Path(__file__).parent
 
 
+# An ASHA sweep of four trials: good (outer.lr 0.001), broken (a model that raises), bad (outer.lr
+# 0.1), broken; also run through the API by test_api_sweeps.
+ASHA_WITH_BROKEN_TRIALS = {
+    "base": {"outer": {"iterations": 8, "meta_batch_size": 5}, "eval": {"every": 1, "tasks": 20, "steps": 5},
+             "checkpoint": {"every": 4}},
+    "space": {
+        "model": {"grid": [{"name": "mlp"}, {"factory": "user_models:make_broken", "kwargs": {"mode": "raise"}}]},
+        "outer.lr": {"grid": [0.001, 0.1]},
+    },
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "num_samples": 1,
+    "max_concurrent_trials": 2,
+}
+
+
 def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(ray_cluster, tmp_path: Path) -> None:
     from workers.sweep import run_sweep
     from workers.sweep_spec import SweepSpec
@@ -20,18 +35,7 @@ def test_asha_sweep_stops_early_survives_a_failing_trial_and_exports_the_best(ra
     # Grid order is deterministic (the first path, "model", varies fastest): good (outer.lr 0.001),
     # broken, bad (outer.lr 0.1: eval/loss 7.3 against 6.05 at iteration 1, same seed), broken. The
     # bad trial starts after the broken one fails, so the good one has reached ASHA's rungs first.
-    sweep = SweepSpec.model_validate({
-        "name": "test-sweep",
-        "base": {"outer": {"iterations": 8, "meta_batch_size": 5}, "eval": {"every": 1, "tasks": 20, "steps": 5},
-                 "checkpoint": {"every": 4}},
-        "space": {
-            "model": {"grid": [{"name": "mlp"}, {"factory": "user_models:make_broken", "kwargs": {"mode": "raise"}}]},
-            "outer.lr": {"grid": [0.001, 0.1]},
-        },
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "num_samples": 1,
-        "max_concurrent_trials": 2,
-    })
+    sweep = SweepSpec.model_validate({**ASHA_WITH_BROKEN_TRIALS, "name": "test-sweep"})
     updates: list = []
     start = time.monotonic()
     result = run_sweep(sweep, storage_dir=tmp_path / "sweep", allowed_modules=["user_models"],
