@@ -208,6 +208,10 @@ def render(p: dict) -> list[str]:
             d = p["paired_maml_minus_baseline"]
             lines.append(f"| {base} | {how.replace('_', ' ')} | "
                          + " | ".join(diff(d[f"{base}/{how}/step_{k}"]) for k in range(1, 4)) + " |")
+    # A baseline that gets worse with every step is best left unadapted: MAML after k steps against it.
+    maml, pre0 = np.array(p["per_goal_returns"]["maml"]["0.1"]), np.array(p["per_goal_returns"]["pretrained"]["0.1"])
+    lines.append("| pretrained | not adapted (0 steps) | "
+                 + " | ".join(diff(paired(maml[:, k], pre0[:, 0])) for k in range(1, 4)) + " |")
     lines += ["", "## Learning curve: MAML after one step minus pretrained after one step (alpha 0.1; and the "
               "pretrained's best alpha), against MAML's meta-training CPU time", "",
               "| iteration | train CPU min | wall min | load | MAML 1 step | vs pretrained, same alpha | "
