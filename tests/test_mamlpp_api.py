@@ -84,3 +84,30 @@ def test_adaptation_uses_the_learned_pieces(tmp_path) -> None:
         r = client.post(f"{API}/models/{model_id}/adapt", json={"support": support, "query": query, "lr": 0.1},
                         headers=headers)
         assert r.status_code == 422 and "learned" in r.text
+
+
+def test_support_normalised_model_answers_each_query_item_alone_as_in_its_batch(tmp_path) -> None:
+    """``model.query_bn: support`` through the service: the returned weights carry the support set's
+    statistics, and a query item's prediction does not depend on the others."""
+    settings = make_settings(tmp_path, adapt_max_steps=20)
+    headers = {"Authorization": "Bearer " + settings.admin_token.get_secret_value()}
+    spec = {"model": {"factory": "user_models:make_model", "kwargs": {"width": 6}, "query_bn": "support"},
+            "inner": {"steps": 2, "lr": 0.05}, "outer": {"iterations": 4, "meta_batch_size": 2, "lr": 0.01},
+            "eval": {"every": 4, "tasks": 2, "steps": 2}}
+    support = {"x": [[-2.0], [-1.0], [0.0], [1.0], [2.5]], "y": [[0.3], [-0.4], [0.1], [0.9], [-1.2]]}
+    query = {"x": [[0.5], [-1.5], [3.0]]}
+    with TestClient(make_app(settings)) as client:
+        done = wait_for_job(client, submit(client, headers, **spec)["id"], headers, timeout=120)
+        assert done["status"] == "succeeded", done
+        url = f"{API}/models/{done['model_id']}/adapt"
+        r = client.post(url, json={"support": support, "query": query, "return_weights": True}, headers=headers)
+        assert r.status_code == 200, r.text
+        together = r.json()
+        for i, x in enumerate(query["x"]):
+            alone = client.post(url, json={"support": support, "query": {"x": [x]}}, headers=headers)
+            assert alone.status_code == 200, alone.text
+            assert alone.json()["predictions"][0] == pytest.approx(together["predictions"][i], rel=1e-5)
+        r = client.get(f"{API}/adapted/{together['adapted_id']}/weights", headers=headers)
+        assert r.status_code == 200, r.text
+        adapted = load(r.content)
+        assert adapted["bn.step_mean"].shape == adapted["bn.step_var"].shape == (6,)

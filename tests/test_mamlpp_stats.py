@@ -277,3 +277,112 @@ def test_the_statistics_travel_with_the_weights() -> None:
     again = attach(bn_net(), steps=2, lr=ALPHA, bn_stats=True)
     again.load_state_dict(state, strict=True)
     assert torch.equal(again.get_buffer(f"{STATS_PREFIX}.1.var"), torch.full((3, 5), 3.0))
+
+
+# ------------------------------------------------------------------ support-normalised query passes
+
+
+def _written_out_support_objective(theta: dict[str, torch.Tensor], task: Task, *, steps: int, lr: float,
+                                   weights: tuple[float, ...], first_order: bool, eps: float) -> torch.Tensor:
+    """bn_net's meta-objective with every query pass normalised by the support set's batch statistics
+    at the same parameters (mean, biased variance), written out by hand."""
+    xs, ys, xq, yq = task
+
+    def pre(p, x):
+        return x @ p["0.weight"].T + p["0.bias"]
+
+    def rest(p, h, mean, var):
+        z = (h - mean) / torch.sqrt(var + eps) * p["1.weight"] + p["1.bias"]
+        return torch.tanh(z) @ p["3.weight"].T + p["3.bias"]
+
+    def support_pass(p):
+        h = pre(p, xs)
+        mean = h.mean(0)
+        var = ((h - mean) ** 2).mean(0)
+        return rest(p, h, mean, var), mean, var
+
+    fast, total = dict(theta), torch.zeros(())
+    for s in range(steps):
+        out, _, _ = support_pass(fast)
+        grads = torch.autograd.grad(F.cross_entropy(out, ys), tuple(fast.values()), create_graph=not first_order)
+        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads, strict=True)}
+        if weights[s]:
+            _, mean, var = support_pass(fast)
+            total = total + weights[s] * F.cross_entropy(rest(fast, pre(fast, xq), mean, var), yq)
+    return total
+
+
+@pytest.mark.parametrize("options, first_order", [
+    (dict(), False), (dict(), True), (dict(checkpoint=True), False), (dict(msl_weights=(0.2, 0.3, 0.5)), False),
+    (dict(msl_weights=(0.2, 0.3, 0.5)), True), (dict(checkpoint=True, msl_weights=(0.2, 0.0, 0.8)), False),
+], ids=["second", "first", "checkpointed", "msl-second", "msl-first", "checkpointed-msl"])
+def test_support_normalised_queries_meta_gradient_matches_the_written_out_objective(options: dict,
+                                                                                   first_order: bool) -> None:
+    """The meta-gradient flows through the support statistics that normalise each query pass."""
+    task = _task(6)
+    model = attach(bn_net(), steps=STEPS, lr=ALPHA, query_bn="support")
+    params, buffers = split_state(model)
+    meta = MetaOptions(steps=STEPS, lr=ALPHA, query_bn="support", **options)
+    grads, metrics = task_meta_gradient(model, params, buffers, task, options=meta, loss="cross_entropy",
+                                        first_order=first_order)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    objective = _written_out_support_objective(theta, task, steps=STEPS, lr=ALPHA, weights=meta.weights(),
+                                               first_order=first_order, eps=model[1].eps)
+    expected = dict(zip(theta, torch.autograd.grad(objective, tuple(theta.values())), strict=True))
+    assert set(grads) == set(expected)
+    for k, g in expected.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+    # ... and the statistics are the point: with the query batch's own, the gradient differs.
+    plain, _ = task_meta_gradient(model, params, buffers, task, loss="cross_entropy", first_order=first_order,
+                                  options=MetaOptions(steps=STEPS, lr=ALPHA, **options))
+    assert not torch.allclose(plain["0.weight"], grads["0.weight"])
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_support_normalised_predictions_are_per_item(steps: int) -> None:
+    model = attach(bn_net(), steps=STEPS, lr=ALPHA, query_bn="support")
+    params, buffers = split_state(model)
+    task = _task(7)
+    adapted, _, _ = adapt(model, params, buffers, task.x_support, task.y_support, steps=steps, lr=ALPHA,
+                          loss="cross_entropy", meta=MetaOptions(steps=STEPS, lr=ALPHA, query_bn="support"))
+    h = task.x_support @ adapted["0.weight"].T + adapted["0.bias"]
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    expected = _written_out(adapted, mean, var, task.x_query, model[1].eps)
+    together = predict(model, adapted, buffers, task.x_query)
+    torch.testing.assert_close(together, expected, rtol=1e-12, atol=1e-13)
+    alone = torch.cat([predict(model, adapted, buffers, task.x_query[i:i + 1]) for i in range(len(task.x_query))])
+    torch.testing.assert_close(alone, together, rtol=1e-12, atol=1e-13)
+
+
+def test_anil_on_conv4_normalises_its_once_computed_query_features_by_the_support() -> None:
+    """Conv4 takes ANIL's features-once path; the same network inside an nn.Sequential takes the
+    general one: the same meta-gradient."""
+    torch.manual_seed(0)
+    conv4 = Conv4(1, 3, 4, 16).to(DT)
+    wrapped = nn.Sequential(copy.deepcopy(conv4))
+    gen = torch.Generator().manual_seed(8)
+    task = Task(torch.randn(3, 1, 16, 16, generator=gen), torch.arange(3), torch.randn(6, 1, 16, 16, generator=gen),
+                torch.arange(3).repeat(2))
+    meta = MetaOptions(steps=2, lr=ALPHA, query_bn="support", adapt="head", msl_weights=(0.4, 0.6))
+    results = []
+    for model in (conv4, wrapped):
+        attach(model, steps=2, lr=ALPHA, query_bn="support", adapt="head")
+        grads, metrics = task_meta_gradient(model, *split_state(model), task, options=meta, loss="cross_entropy")
+        results.append((grads, metrics))
+    (cached, m1), (general, m2) = results
+    assert m1 == pytest.approx(m2, rel=1e-12)
+    for k, g in cached.items():
+        torch.testing.assert_close(general[f"0.{k}"], g, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_support_normalised_queries_are_refused_where_meaningless() -> None:
+    for body, match in (({"model": {"name": "mlp", "query_bn": "support"}}, "model.query_bn"),
+                        ({"model": {"name": "conv4", "query_bn": "support", "per_step_bn_stats": True},
+                          "task": {"family": "omniglot"}}, "model.query_bn"),
+                        ({"algorithm": "reptile", "model": {"name": "conv4", "query_bn": "support"},
+                          "task": {"family": "omniglot"}}, "model.query_bn")):
+        with pytest.raises(ValueError, match=match):
+            JobSpec.model_validate(body)
+    with pytest.raises(ModelError) as err:
+        attach(nn.Sequential(nn.Linear(2, 2)), steps=1, lr=0.1, query_bn="support")
+    assert err.value.field == "model.query_bn"

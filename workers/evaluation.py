@@ -29,7 +29,7 @@ from workers.inner import (
     evaluate,
     loss_function,
 )
-from workers.mamlpp import MetaOptions, batchnorm_modules, is_learned, step_statistics
+from workers.mamlpp import MetaOptions, is_learned
 from workers.mamlpp import adapt as adapt_learned
 from workers.tasks.base import LossName, Task, TaskFamily
 
@@ -195,15 +195,15 @@ def meta_test(
     loss_fn = loss_function(family.loss)
     classification = family.loss == "cross_entropy"
     forward = Forward(model, buffers)
-    plain = {k: v for k, v in params.items() if not is_learned(k)}  # the model's own parameters
-    if meta is not None and meta.bn_stats:  # before adapting: step 0's running statistics
-        plain.update(step_statistics(buffers, batchnorm_modules(model), 0, meta.steps))
     loss_before, loss_after, acc_before, acc_after = [], [], [], []
     for index in range(num_tasks):
         task = family.sample(seed, 0, index, split)
         if device is not None:
             task = Task(*(t.to(device) for t in task))
-        lb, ab = evaluate(forward, plain, task.x_query, task.y_query, loss_fn, classification)
+        # before adapting: what 0 steps give (with learned pieces, the query normalisation they ask for)
+        start, _, _ = adapt(model, params, buffers, task.x_support, task.y_support, steps=0, lr=lr,
+                            loss=family.loss, optimizer=optimizer, batch_size=batch_size, meta=meta)
+        lb, ab = evaluate(forward, start, task.x_query, task.y_query, loss_fn, classification)
         adapted, _, _ = adapt(model, params, buffers, task.x_support, task.y_support, steps=steps, lr=lr,
                               loss=family.loss, optimizer=optimizer, batch_size=batch_size, meta=meta)
         la, aa = evaluate(forward, adapted, task.x_query, task.y_query, loss_fn, classification)

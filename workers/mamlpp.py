@@ -41,6 +41,12 @@ statistics of their step (``<module>.step_mean``, ``.step_var``), with which the
 BatchNorm layers normalise instead: a query item's prediction then depends on its own input and
 the support set only, not on the other query items.
 
+Support-normalised queries (``query_bn="support"``, MetaBN in Bronskill et al., "TaskNorm", ICML
+2020) make the same promise without running statistics, and keep training and testing alike: every
+query pass after s steps, in meta-training as at prediction, is normalised with the batch
+statistics of the support set's pass at the same parameters (one more support pass per query
+pass; in meta-training the meta-gradient flows through those statistics too).
+
 At evaluation, steps beyond the trained ``steps`` reuse the last step's learning rates and
 BatchNorm weights.
 
@@ -74,6 +80,7 @@ BN_PREFIX = "bn_step"
 STATS_PREFIX = "bn_stats"
 BN_STATS_MOMENTUM = 0.1  # the running statistics' weight of each new meta-iteration (torch's default)
 LearnLR = Literal["none", "per_layer_per_step", "per_parameter"]
+QueryBN = Literal["batch", "support"]
 Adapt = Literal["all", "head"]
 MSL_MIN_WEIGHT = 0.03  # MAML++: the non-final steps' weights decay to 0.03 / steps
 
@@ -88,6 +95,7 @@ class MetaOptions:
     adapt: Adapt = "all"
     per_step_bn: bool = False
     bn_stats: bool = False  # per-step BatchNorm running statistics
+    query_bn: QueryBN = "batch"  # what normalises the query passes: their own batch, or the support set's
     checkpoint: bool = False
     msl_weights: tuple[float, ...] | None = None  # the query loss weights after steps 1..S; None: the last only
 
@@ -99,18 +107,18 @@ class MetaOptions:
             weights = msl_weights(spec.inner.steps, iteration, spec.outer.msl_anneal_iterations)
         return cls(steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr, adapt=spec.inner.adapt,
                    per_step_bn=spec.model.per_step_bn, bn_stats=spec.model.per_step_bn_stats,
-                   checkpoint=spec.inner.checkpoint, msl_weights=weights)
+                   query_bn=spec.model.query_bn, checkpoint=spec.inner.checkpoint, msl_weights=weights)
 
     @property
     def general(self) -> bool:
         """Whether these options need this module's loop (else plain MAML, and its fast paths)."""
-        return (self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.bn_stats
-                or self.checkpoint or self.msl_weights is not None)
+        return (self.learned_inner or self.checkpoint or self.msl_weights is not None)
 
     @property
     def learned_inner(self) -> bool:
         """Whether adaptation itself differs from plain SGD on every parameter (evaluation, the service)."""
-        return self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.bn_stats
+        return (self.learn_lr != "none" or self.adapt != "all" or self.per_step_bn or self.bn_stats
+                or self.query_bn != "batch")
 
     def weights(self) -> tuple[float, ...]:
         """The query loss weight after each of the S steps."""
@@ -220,14 +228,16 @@ def _put(root: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def attach(model: nn.Module, *, steps: int, lr: float, learn_lr: LearnLR = "none", adapt: Adapt = "all",
-           per_step_bn: bool = False, bn_stats: bool = False) -> nn.Module:
+           per_step_bn: bool = False, bn_stats: bool = False, query_bn: QueryBN = "batch") -> nn.Module:
     """Add the learned inner-loop pieces to ``model`` as parameters, and the per-step running
     statistics as buffers (see the module's docstring); ``model`` itself, unchanged when no option
-    asks for any. With ``bn_stats`` its BatchNorm layers become ``StepBatchNorm`` layers (the same
-    parameters, buffers and names)."""
+    asks for any. With ``bn_stats`` or a support-normalised query its BatchNorm layers become
+    ``StepBatchNorm`` layers (the same parameters, buffers and names)."""
     base = dict(model.named_parameters())
     if bn_stats:
         _attach_stats(model, steps)
+    elif query_bn == "support":
+        _step_layers(model, "model.query_bn")
     if per_step_bn:
         bn = batchnorm_names(model)
         if not bn:
@@ -249,7 +259,8 @@ def attach(model: nn.Module, *, steps: int, lr: float, learn_lr: LearnLR = "none
 def attach_for(model: nn.Module, spec) -> nn.Module:
     """``attach`` with a job spec's options."""
     return attach(model, steps=spec.inner.steps, lr=spec.inner.lr, learn_lr=spec.inner.learn_lr,
-                  adapt=spec.inner.adapt, per_step_bn=spec.model.per_step_bn, bn_stats=spec.model.per_step_bn_stats)
+                  adapt=spec.inner.adapt, per_step_bn=spec.model.per_step_bn, bn_stats=spec.model.per_step_bn_stats,
+                  query_bn=spec.model.query_bn)
 
 
 class LearnedPieces(nn.Module):
@@ -302,14 +313,18 @@ class _Recorder:
 
 # Set while one of the inner loop's forward passes runs: (recorder, row, id of the input batch).
 _RECORDING: ContextVar[tuple[_Recorder, int, int] | None] = ContextVar("maml_bn_recording", default=None)
+# Set while a support pass runs for its statistics: layer -> (mean, biased variance), with their graph.
+_CAPTURE: ContextVar[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar("maml_bn_capture",
+                                                                                      default=None)
 
 
 class StepBatchNorm:
     """What a BatchNorm layer of a model with per-step running statistics adds to its class.
 
     Given ``step_mean`` and ``step_var`` (buffers that are None in the module itself: a forward pass
-    passes them, ``torch.func.functional_call`` swaps them in), it normalises with them. Otherwise
-    it is the layer it was, and records its input's batch statistics while an inner loop records.
+    passes them, ``torch.func.functional_call`` swaps them in), it normalises with them,
+    differentiably in them too. Otherwise it is the layer it was, and records its input's batch
+    statistics while an inner loop records or captures them.
     """
 
     stats_key: str
@@ -317,14 +332,22 @@ class StepBatchNorm:
     step_var: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d != 1]
         if self.step_mean is not None and self.step_var is not None:
-            return F.batch_norm(x, self.step_mean, self.step_var, self.weight, self.bias,  # type: ignore[attr-defined]
-                                training=False, eps=self.eps)  # type: ignore[attr-defined]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            out = (x - self.step_mean.view(shape)) * torch.rsqrt(self.step_var.view(shape) + self.eps)  # type: ignore[attr-defined]
+            if self.weight is not None:  # type: ignore[attr-defined]
+                out = out * self.weight.view(shape) + self.bias.view(shape)  # type: ignore[attr-defined]
+            return out
+        capture = _CAPTURE.get()
+        if capture is not None:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)  # what the pass normalises with
+            capture[self.stats_key] = (mean, var)
         recording = _RECORDING.get()
         if recording is not None:
             recorder, row, source = recording
             with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=1)
+                var, mean = torch.var_mean(x, dim=dims, correction=1)
             recorder.add(row, source, self.stats_key, mean, var)
         return super().forward(x)  # type: ignore[misc]
 
@@ -344,21 +367,27 @@ class StepBatchNorm3d(StepBatchNorm, nn.BatchNorm3d):
 _STEP_CLASSES = {nn.BatchNorm1d: StepBatchNorm1d, nn.BatchNorm2d: StepBatchNorm2d, nn.BatchNorm3d: StepBatchNorm3d}
 
 
-def _attach_stats(model: nn.Module, steps: int) -> None:
-    layers = batchnorm_modules(model)
+def _step_layers(model: nn.Module, field: str) -> list[tuple[str, nn.Module]]:
+    """Make every BatchNorm layer of ``model`` a ``StepBatchNorm`` layer; their names and modules."""
+    layers = [(name, model.get_submodule(name)) for name in batchnorm_modules(model)]
     if not layers:
-        raise ModelError("model.per_step_bn_stats", "the model has no BatchNorm layer")
-    holder = _holder(model, STATS_PREFIX)
-    for name in layers:
-        module = model.get_submodule(name)
+        raise ModelError(field, "the model has no BatchNorm layer")
+    for name, module in layers:
         cls = _STEP_CLASSES.get(type(module))
         if cls is None:
-            raise ModelError("model.per_step_bn_stats", f"layer '{name}' is a {type(module).__name__}; per-step "
-                             "statistics take nn.BatchNorm1d, 2d or 3d")
+            raise ModelError(field, f"layer '{name}' is a {type(module).__name__}; per-step statistics take "
+                             "nn.BatchNorm1d, 2d or 3d")
         module.__class__ = cls
         module.stats_key = name
         module.register_buffer("step_mean", None)
         module.register_buffer("step_var", None)
+    return layers
+
+
+def _attach_stats(model: nn.Module, steps: int) -> None:
+    layers = _step_layers(model, "model.per_step_bn_stats")
+    holder = _holder(model, STATS_PREFIX)
+    for name, module in layers:
         like = next(module.parameters(), None)
         kind = dict(dtype=like.dtype, device=like.device) if like is not None else {}
         _put(holder, f"{name}.mean", torch.zeros(steps + 1, module.num_features, **kind))
@@ -415,7 +444,9 @@ class Unroll:
     ``theta`` holds every parameter (the model's and the learned pieces), as leaves that require
     grad when ``track`` (meta-training) and detached otherwise (adaptation at evaluation). With
     per-step BatchNorm statistics, a tracking loop records every forward pass's batch statistics
-    (``stats()``); passes with ``record=False`` (metrics only) are left out.
+    (``stats()``); passes with ``record=False`` (metrics only) are left out. With support-normalised
+    queries, ``support`` (the task's support inputs) must be set: every other input is normalised
+    with their statistics.
     """
 
     def __init__(self, model: nn.Module, params: Params, buffers: Params, options: MetaOptions, loss: LossName,
@@ -428,6 +459,7 @@ class Unroll:
         self.bn = batchnorm_names(model) if options.per_step_bn else []
         self.stats_layers = batchnorm_modules(model) if options.bn_stats else []
         self.recorder = _Recorder() if options.bn_stats and track else None
+        self.support: torch.Tensor | None = None
         self.buffers = buffers
         self.forward = Forward(model, buffers)
         self.head: tuple[str, nn.Linear] | None = None
@@ -456,9 +488,28 @@ class Unroll:
                 p[n] = self.theta[f"{BN_PREFIX}.{n}"][row]
         return p
 
-    def running(self, step: int) -> Params:
-        """The running statistics for a prediction after ``step`` steps (empty without them)."""
-        return step_statistics(self.buffers, self.stats_layers, step, self.options.steps)
+    def statistics(self, fast: Params, step: int) -> Params:
+        """What normalises a query pass after ``step`` steps (``StepBatchNorm``'s ``step_mean`` and
+        ``step_var``): the running statistics of the step, the support set's at ``fast``, or nothing
+        (the pass's own batch statistics)."""
+        if self.options.bn_stats:
+            return step_statistics(self.buffers, self.stats_layers, step, self.options.steps)
+        if self.options.query_bn != "support":
+            return {}
+        assert self.support is not None, "query_bn 'support': set Unroll.support first"
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        token = _CAPTURE.set(captured)
+        try:
+            self.forward(self.full(fast, step), self.support)
+        finally:
+            _CAPTURE.reset(token)
+        out: Params = {}
+        for layer, (mean, var) in captured.items():
+            out[f"{layer}.step_mean"], out[f"{layer}.step_var"] = mean, var
+        return out
+
+    def _normalised_by_support(self, x: torch.Tensor) -> bool:
+        return self.options.query_bn == "support" and x is not self.support
 
     def stats(self) -> Params:
         """The batch statistics this task's recorded passes saw, per layer ``(steps + 1, channels)``."""
@@ -479,8 +530,9 @@ class Unroll:
     def output(self, fast: Params, step: int, x: torch.Tensor, *, record: bool = True) -> torch.Tensor:
         recorder = self.recorder if record else None
         if self.head is None:
+            extra = self.statistics(fast, step) if self._normalised_by_support(x) else {}
             with self._recording(recorder, step, x):
-                return self.forward(self.full(fast, step), x)
+                return self.forward({**self.full(fast, step), **extra}, x)
         key = (id(x), min(step, self.options.steps) if self.bn else 0)
         cached = self._features.get(key)
         if cached is None:
@@ -499,13 +551,14 @@ class Unroll:
 
     def _body(self, fast: Params, step: int, x: torch.Tensor) -> torch.Tensor:
         assert self.head is not None
+        extra = self.statistics(fast, step) if self._normalised_by_support(x) else {}
 
         def capture(_module: nn.Module, args: tuple) -> None:
             raise _Features(args[0])
 
         handle = self.head[1].register_forward_pre_hook(capture)
         try:
-            self.forward(self.full(fast, step), x)
+            self.forward({**self.full(fast, step), **extra}, x)
         except _Features as found:
             return found.value
         finally:
@@ -550,6 +603,7 @@ def task_meta_gradient(
     gradients as constants (first-order MAML; the learning rates still get their gradient).
     """
     unroll = Unroll(model, params, buffers, options, loss)
+    unroll.support = task.x_support
     classification = loss == "cross_entropy"
     metrics: dict[str, float] = {}
     if before:  # a metric, not a pass of the objective: its batch statistics are not recorded
@@ -675,20 +729,27 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
           options: MetaOptions, loss: LossName, should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Params, float], None] | None = None) -> tuple[Params, float, float]:
     """``steps`` steps of the learned inner loop on (x, y): the adapted model parameters (for the
-    forward pass after ``steps`` steps: the BatchNorm weights and running statistics of that step
+    query pass after ``steps`` steps: the BatchNorm weights of that step and, where the options
+    say so, the statistics that normalise it (the step's running ones, or the support set's)
     included, the learned pieces left out), and the loss on (x, y) before and after (with batch
     statistics, as the steps take it). ``on_step(k, params_k, loss_k)``, if given, sees the same for
     k = 0, 1, ..., ``steps`` (one more forward per step, for the loss)."""
     options = replace(options, checkpoint=False, msl_weights=None)
     unroll = Unroll(model, params, buffers, options, loss, track=False)
+    unroll.support = x
     fast = unroll.initial()
+
+    def for_queries(fast: Params, step: int) -> Params:
+        with torch.no_grad():
+            return {n: p.detach() for n, p in {**unroll.full(fast, step), **unroll.statistics(fast, step)}.items()}
+
     with torch.no_grad():
         before = unroll.loss(fast, 0, x, y)[0].item()
     for s in range(steps):
         if on_step is not None:
             with torch.no_grad():
                 value = before if s == 0 else unroll.loss(fast, s, x, y)[0].item()
-                on_step(s, {**{n: p.detach() for n, p in unroll.full(fast, s).items()}, **unroll.running(s)}, value)
+                on_step(s, for_queries(fast, s), value)
         if s and should_stop is not None and should_stop():
             raise Stopped(s)
         leaf = {n: p.detach().requires_grad_() for n, p in fast.items()}
@@ -696,7 +757,7 @@ def adapt(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y:
         fast = {n: p.detach() for n, p in new.items()}
     with torch.no_grad():
         after = unroll.loss(fast, steps, x, y)[0].item() if steps else before
-        adapted = {**{n: p.detach() for n, p in unroll.full(fast, steps).items()}, **unroll.running(steps)}
+    adapted = for_queries(fast, steps)
     if on_step is not None:
         on_step(steps, adapted, after)
     return adapted, before, after

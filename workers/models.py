@@ -102,8 +102,10 @@ def build_model(
     if spec.per_step_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
                                     for m in model.modules()):
         raise ModelError("model.per_step_bn", "the model has no BatchNorm layer with weights")
-    if spec.per_step_bn_stats and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ModelError("model.per_step_bn_stats", "the model has no BatchNorm layer")
+    for field, used in (("model.per_step_bn_stats", spec.per_step_bn_stats),
+                        ("model.query_bn", spec.query_bn != "batch")):
+        if used and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ModelError(field, "the model has no BatchNorm layer")
     return model
 
 

@@ -131,6 +131,11 @@ class ModelSpec(_Spec):
         False, description="MAML++: per inner step BatchNorm running statistics, accumulated over meta-training "
         "(all-reduced like the gradients); adaptation and evaluation normalise each prediction with those of "
         "its step, so a query item's output does not depend on the other query items; needs BatchNorm")
+    query_bn: Literal["batch", "support"] = Field(
+        "batch", description="what normalises the BatchNorm layers in the query passes, in meta-training and at "
+        "prediction: 'batch', the query batch's own statistics (the MAML paper's transductive setting); "
+        "'support', the support set's statistics at the same parameters (MetaBN, Bronskill et al. 2020), so "
+        "that a query item's output does not depend on the other query items; needs BatchNorm")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -251,7 +256,8 @@ class JobSpec(_Spec):
                    ("inner.checkpoint", inner.checkpoint), ("outer.multi_step_loss", outer.multi_step_loss),
                    ("outer.first_order_iterations", outer.first_order_iterations > 0),
                    ("model.per_step_bn", self.model.per_step_bn),
-                   ("model.per_step_bn_stats", self.model.per_step_bn_stats)]
+                   ("model.per_step_bn_stats", self.model.per_step_bn_stats),
+                   ("model.query_bn", self.model.query_bn != "batch")]
         for field, used in options:
             if used and self.algorithm not in gradient_based:
                 raise ValueError(f"{field}: only with algorithm 'maml' or 'fomaml' (Reptile takes no "
@@ -269,8 +275,12 @@ class JobSpec(_Spec):
         if inner.checkpoint and inner.adapt == "head":
             raise ValueError("inner.checkpoint: not with inner.adapt 'head' (ANIL's inner graph is the head's, "
                              "already small)")
+        if self.model.per_step_bn_stats and self.model.query_bn != "batch":
+            raise ValueError("model.query_bn: 'support' normalises the query passes with the support set's "
+                             "statistics and per_step_bn_stats with running ones; choose one")
         for field, used in (("per_step_bn", self.model.per_step_bn),
-                            ("per_step_bn_stats", self.model.per_step_bn_stats)):
+                            ("per_step_bn_stats", self.model.per_step_bn_stats),
+                            ("query_bn", self.model.query_bn != "batch")):
             if used and self.model.name == "mlp":
                 raise ValueError(f"model.{field}: the mlp has no BatchNorm (use conv4, or a factory model with "
                                  "BatchNorm layers)")
@@ -285,7 +295,8 @@ class JobSpec(_Spec):
         """Whether any MAML++ / Meta-SGD / ANIL option is on (the general per-task inner loop)."""
         inner, outer = self.inner, self.outer
         return (inner.learn_lr != "none" or inner.adapt != "all" or inner.checkpoint or outer.multi_step_loss
-                or outer.first_order_iterations > 0 or self.model.per_step_bn or self.model.per_step_bn_stats)
+                or outer.first_order_iterations > 0 or self.model.per_step_bn or self.model.per_step_bn_stats
+                or self.model.query_bn != "batch")
 
     def _resolve_rl_defaults(self) -> None:
         """RL takes the paper's own defaults where the spec left a field out (written into the spec,
