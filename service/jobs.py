@@ -122,14 +122,17 @@ def create_job(*, session: Session, tenant: str, spec: JobSpec) -> Job:
     return job
 
 
+INT32_MAX = 2**31 - 1  # the largest value of an Integer column (PostgreSQL refuses a larger bound)
+
+
 def _metrics_filter(statement: Any, job_id: str, since: int | None, after_id: int | None) -> Any:
     statement = statement.where(JobMetric.job_id == job_id)
+    # Both columns are 32-bit and no value gets near the limit (outer.iterations <= 10^7): a
+    # larger ``since`` or ``after_id`` (a client's Last-Event-ID) still means "nothing after it".
     if since is not None:
-        # The column is 32-bit (PostgreSQL refuses a larger bound) and no job gets near it
-        # (outer.iterations <= 10^7): a larger ``since`` still means "nothing after it".
-        statement = statement.where(JobMetric.iteration > min(since, 2**31 - 1))
+        statement = statement.where(JobMetric.iteration > min(since, INT32_MAX))
     if after_id is not None:
-        statement = statement.where(JobMetric.id > after_id)
+        statement = statement.where(JobMetric.id > min(after_id, INT32_MAX))
     return statement
 
 
