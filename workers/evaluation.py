@@ -131,7 +131,8 @@ def _observer(on_step: OnStep, forward: Forward, x: torch.Tensor, y: torch.Tenso
 
 def predict(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
     """The outputs for ``x`` with ``params`` (no graph): the hand-written kernels where they apply.
-    ``params`` may carry per-step BatchNorm running statistics (``workers.mamlpp.adapt``'s result)."""
+    ``params`` may carry the statistics that normalise a query pass, running or the support set's
+    (``workers.mamlpp.adapt``'s result)."""
     net = fused_net(model, x.device)
     if net is not None:
         return fused.logits(net, params, x)
