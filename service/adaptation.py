@@ -50,7 +50,7 @@ from service.keys import Principal
 from service.metrics import ServiceMetrics
 from service.schemas import AdaptRequest, AdaptResponse
 from workers.errors import ModelError, NonFiniteLossError, SpecError, Stopped
-from workers.evaluation import adapt, predict
+from workers.evaluation import MAX_ANSWER_NUMBERS, adapt, predict
 from workers.inner import Params
 from workers.mamlpp import MetaOptions, attach_for
 from workers.models import build_model
@@ -59,9 +59,6 @@ from workers.supervised import torch_dtype
 
 logger = logging.getLogger(__name__)
 _IMAGE_FORMATS = ("PNG", "JPEG")
-# The most numbers an every-step answer (steps + 1 predictions of each query item) or the
-# trajectories of an RL answer may hold: about 2 MB of JSON.
-MAX_STEP_NUMBERS = 100_000
 DISCONNECT_POLL_S = 0.25  # how often a running query looks whether its client is still there
 PURGE_EVERY_S = 60.0  # at most this often, storing adapted weights deletes the expired ones
 
@@ -484,9 +481,9 @@ class Adapter:
         if request.every_step:
             per_item = 1 if model.classification else model.output_dim
             numbers = (steps + 1) * len(query.x) * per_item
-            if numbers > MAX_STEP_NUMBERS:
+            if numbers > MAX_ANSWER_NUMBERS:
                 raise InvalidInput("every_step", f"{steps + 1} step counts x {len(query.x)} query items x {per_item} "
-                                   f"outputs is {numbers} numbers, over the limit of {MAX_STEP_NUMBERS}; ask fewer "
+                                   f"outputs is {numbers} numbers, over the limit of {MAX_ANSWER_NUMBERS}; ask fewer "
                                    "steps or query items")
             # Each step also predicts the query items: they count against the work limit as support items do.
             work = steps * len(support.x) + (steps + 1) * len(query.x)

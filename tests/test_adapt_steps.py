@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import make_app, make_settings, submit, wait_for_job
+from helpers import make_app, make_settings, submit, train_nav2d, wait_for_job
 from test_api_adapt import register_classifier
 from test_mamlpp_api import SPEC as MAMLPP_SPEC
 
-from service.adaptation import MAX_STEP_NUMBERS
+from workers.evaluation import MAX_ANSWER_NUMBERS
 
 API = "/api/v1"
 pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.backends("sqlite")]
@@ -99,7 +99,7 @@ def test_every_step_caps_answer_422_naming_the_field(app) -> None:
     sgd = models["sgd"]
     # The response size: (steps + 1) x query items x outputs numbers.
     many = {"x": [[0.0]] * 20}
-    steps = MAX_STEP_NUMBERS // 20  # (steps + 1) x 20 is just over
+    steps = MAX_ANSWER_NUMBERS // 20  # (steps + 1) x 20 is just over
     r = post(client, sgd, headers, support=SUPPORT, query=many, steps=steps, every_step=True)
     assert field_of(r) in ("every_step", "steps")  # adapt_max_steps (50) answers first here
     # The work limit (1,000 here): 49 steps x 5 support items fit, + 50 x 20 query predictions do not.
@@ -118,20 +118,16 @@ def test_every_step_response_cap(tmp_path) -> None:
                      eval={"every": 1, "tasks": 1, "steps": 1})
         model_id = wait_for_job(client, job["id"], headers, timeout=120)["model_id"]
         query = {"x": [[0.0]] * 200}
-        steps = MAX_STEP_NUMBERS // 200  # (steps + 1) x 200 > MAX_STEP_NUMBERS
+        steps = MAX_ANSWER_NUMBERS // 200  # (steps + 1) x 200 > MAX_ANSWER_NUMBERS
         r = post(client, model_id, headers, support=SUPPORT, query=query, steps=steps, every_step=True)
-        assert field_of(r) == "every_step" and str(MAX_STEP_NUMBERS) in r.text
+        assert field_of(r) == "every_step" and str(MAX_ANSWER_NUMBERS) in r.text
         r = post(client, model_id, headers, support=SUPPORT, query=query, steps=steps - 1, every_step=True)
         assert r.status_code == 200, r.text
         assert len(r.json()["step_predictions"]) == steps
 
 
 def test_nav2d_trajectories(client: TestClient, admin_headers) -> None:
-    job = submit(client, admin_headers, task={"family": "nav2d", "rollouts": 4, "horizon": 15},
-                 outer={"iterations": 2, "meta_batch_size": 2}, eval={"every": 2, "tasks": 2, "steps": 1},
-                 model={"name": "mlp"}, inner={"steps": 1})
-    done = wait_for_job(client, job["id"], admin_headers, timeout=120)
-    assert done["status"] == "succeeded", done["error"]
+    done = train_nav2d(client, admin_headers, horizon=15)
     url = f"{API}/models/{done['model_id']}/adapt"
     body = {"task": {"goal": [0.3, -0.2]}, "steps": 2, "rollouts": 4, "trajectories": 3}
     r = client.post(url, json=body, headers=admin_headers)

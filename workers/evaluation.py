@@ -33,6 +33,10 @@ from workers.mamlpp import MetaOptions, is_learned
 from workers.mamlpp import adapt as adapt_learned
 from workers.tasks.base import LossName, Task, TaskFamily
 
+# The most numbers one adaptation answer may hold beyond its predictions (the predictions after
+# every step, or an RL answer's trajectories): about 2 MB of JSON.
+MAX_ANSWER_NUMBERS = 100_000
+
 
 def adapt(
     model: nn.Module,

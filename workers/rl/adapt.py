@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from workers.errors import SpecError
+from workers.evaluation import MAX_ANSWER_NUMBERS
 from workers.inner import Params
 from workers.rl.algorithms import sample_adaptation
 from workers.rl.envs import EnvFamily
@@ -30,9 +31,6 @@ from workers.rl.policy import GaussianMLPPolicy
 from workers.rl.program import BASELINE_REG, NORMALIZE_ADVANTAGES, build_family, build_policy, rl_task
 from workers.spec import RL_MAX_HORIZON, RL_MAX_ROLLOUTS, RL_MAX_STEPS, JobSpec
 from workers.tasks.base import task_rng
-
-# The most numbers the trajectories of one answer may hold (phases x rollouts x positions x 2).
-MAX_TRAJECTORY_NUMBERS = 100_000
 
 
 @dataclass
@@ -86,9 +84,9 @@ def adapt_policy(policy: GaussianMLPPolicy, params: Params, family: EnvFamily, t
         if not 0 <= trajectories <= rollouts:
             raise SpecError("trajectories", f"{trajectories} is outside 0..{rollouts} (the rollouts per step)")
         numbers = (steps + 1) * trajectories * (horizon + 1) * 2
-        if numbers > MAX_TRAJECTORY_NUMBERS:
+        if numbers > MAX_ANSWER_NUMBERS:
             raise SpecError("trajectories", f"{steps + 1} step counts x {trajectories} rollouts x {horizon + 1} "
-                            f"positions x 2 is {numbers} numbers, over the limit of {MAX_TRAJECTORY_NUMBERS}; "
+                            f"positions x 2 is {numbers} numbers, over the limit of {MAX_ANSWER_NUMBERS}; "
                             "ask fewer trajectories, steps or a shorter horizon")
     with torch.no_grad():
         params = {n: p.detach().clone() for n, p in params.items()}
