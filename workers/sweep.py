@@ -177,8 +177,8 @@ def _on_event(key: str, event: str, trials: list, trial: Any, result: dict | Non
             run_s = round(now - hooks.started[trial.trial_id], 3)
             start_s, _ = hooks.report_s.get(trial.trial_id, (run_s, run_s))
             hooks.report_s[trial.trial_id] = (start_s, run_s)
-        if result is not None and hooks.sweep.metric in result:
-            add_point(_history(hooks, trial), int(result.get("iteration", 0) or 0), _finite(result[hooks.sweep.metric]))
+        if result is not None:
+            _add_result(_history(hooks, trial), result, hooks.sweep.metric)
     elif event == "step" and hooks.should_interrupt is not None and _ask(hooks.should_interrupt, "should_interrupt"):
         # Raised at the end of Tune's step, after its experiment checkpoint: ``tune.run`` cleans up
         # the trials' actors and re-raises, without the final checkpoint that would mark them ended.
@@ -303,13 +303,17 @@ def _history(hooks: _Hooks, trial: Any) -> list[tuple[int, float | None]]:
         if hooks.restored and results.is_file():
             try:
                 for line in results.read_text().splitlines():
-                    result = json.loads(line) if line.strip() else {}
-                    if hooks.sweep.metric in result:
-                        add_point(history, int(result.get("iteration", 0) or 0), _finite(result[hooks.sweep.metric]))
+                    _add_result(history, json.loads(line) if line.strip() else {}, hooks.sweep.metric)
             except (OSError, ValueError):
                 logger.warning("sweep %s: trial %s: its earlier history could not be read from %s",
                                hooks.sweep.name, trial.trial_id, results, exc_info=True)
     return history
+
+
+def _add_result(history: list[tuple[int, float | None]], result: dict, metric: str) -> None:
+    """A Tune result's point, if it reports the sweep metric."""
+    if metric in result:
+        add_point(history, int(result.get("iteration", 0) or 0), _finite(result[metric]))
 
 
 def add_point(history: list[tuple[int, float | None]], iteration: int, value: float | None) -> None:
