@@ -513,6 +513,15 @@ def _path(stem: Path, suffix: str) -> Path:
     return stem.parent / (stem.name + suffix)
 
 
+def open_results(out: Path, name: str, quick: bool) -> tuple[Path, dict[str, Any]]:
+    """The stem of the results table ``name`` (``name.quick`` for a smoke test) under ``out``, and
+    what it holds so far: rows that are not re-run keep their result."""
+    stem = out / (f"{name}.quick" if quick else name)
+    results = load_results(_path(stem, ".json"))
+    results["quick"] = quick
+    return stem, results
+
+
 def load_results(path: Path) -> dict[str, Any]:
     if path.is_file():
         try:
@@ -591,9 +600,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row.name:28s} {row.published:30s} {row.not_run or row.notes}")  # noqa: T201
         return
     torch.set_num_threads(args.threads)
-    stem = args.out / ("reproduce.quick" if args.quick else "reproduce")
-    results = load_results(_path(stem, ".json"))
-    results["quick"] = args.quick
+    stem, results = open_results(args.out, "reproduce", args.quick)
     if args.render:
         save_results(stem, results)
         return

@@ -39,6 +39,7 @@ from benchmarks.reproduce import (
     _omniglot_maml,
     _path,
     load_results,
+    open_results,
     run_row,
 )
 
@@ -202,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    stem = args.out / ("reproduce_mamlpp.quick" if args.quick else "reproduce_mamlpp")
-    results = load_results(_path(stem, ".json"))
-    results["quick"] = args.quick
+    stem, results = open_results(args.out, "reproduce_mamlpp", args.quick)
     if args.render:
         save_results(stem, results)
         return
