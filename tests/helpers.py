@@ -150,6 +150,17 @@ def submit(client: TestClient, headers: dict[str, str], **changes: Any) -> dict:
     return r.json()
 
 
+def train_nav2d(client: TestClient, headers: dict[str, str], *, horizon: int) -> dict:
+    """A small nav2d policy (2 iterations, 4 rollouts of ``horizon`` steps) trained through the API:
+    the succeeded job."""
+    job = submit(client, headers, task={"family": "nav2d", "rollouts": 4, "horizon": horizon},
+                 outer={"iterations": 2, "meta_batch_size": 2}, eval={"every": 2, "tasks": 2, "steps": 1},
+                 model={"name": "mlp"}, inner={"steps": 1})
+    done = wait_for_job(client, job["id"], headers, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
 def make_image_folder(root: Path, *, classes: int = 10, images: int = 3) -> Path:
     """A class-folder dataset of tiny random RGB PNGs (10 classes give every split at least 2)."""
     import numpy as np

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import fresh_database, make_app, make_settings, submit, wait_for_job
+from helpers import fresh_database, make_app, make_settings, submit, train_nav2d, wait_for_job
 from PIL import Image
 
 from service import jobs, registry
@@ -257,11 +257,7 @@ def test_image_folder_job_trains_and_adapts_on_uploaded_images(tmp_path) -> None
 
 def test_rl_policy_trains_registers_and_adapts_to_a_goal(client: TestClient, admin_headers) -> None:
     """A nav2d job through the API; the registered policy adapts to a new goal on the server."""
-    job = submit(client, admin_headers, task={"family": "nav2d", "rollouts": 4, "horizon": 20},
-                 outer={"iterations": 2, "meta_batch_size": 2}, eval={"every": 2, "tasks": 2, "steps": 1},
-                 model={"name": "mlp"}, inner={"steps": 1})
-    done = wait_for_job(client, job["id"], admin_headers, timeout=120)
-    assert done["status"] == "succeeded", done["error"]
+    done = train_nav2d(client, admin_headers, horizon=20)
     model = client.get(f"/api/v1/models/{done['model_id']}", headers=admin_headers).json()
     assert model["kind"] == "rl_policy" and model["input_shape"] == [2]
     url = f"/api/v1/models/{done['model_id']}/adapt"
